@@ -1,0 +1,12 @@
+"""fisherlib: compute, bound and estimate the Fisher information metric of neural classifiers.
+
+The core-space geometry lives in :mod:`fisherlib.simplex` (softmax) and
+:mod:`fisherlib.hypercube` (multi-label sigmoid). Importing fisherlib imports no array
+framework: torch, jax and cupy are loaded only when you pass their arrays.
+"""
+
+from . import hypercube, simplex
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "hypercube", "simplex"]

@@ -1,0 +1,56 @@
+"""The adapter protocol: all that fisherlib needs from an array framework.
+
+An adapter runs the user's model, pulls cotangents back to parameter space (vector-Jacobian
+products), draws seeded random probes, and walks parameter trees. It does no mathematics: no
+softmax, no probe algebra, no accumulation (design.md, "The adapter protocol").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+Array = Any
+Tree = Any
+
+__all__ = ["Backend", "VJP"]
+
+VJP = Callable[[Array], Tree]
+"""``vjp(ct)``: ct has the logits' shape (..., C), or a leading probe axis (K, ..., C).
+
+Returns a gradient tree shaped like ``params``; with a leading probe axis, every leaf gains that
+leading axis of size K, and all K products are computed in one framework call where possible.
+"""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What an adapter provides. ``name`` is how users and the registry refer to it."""
+
+    name: str
+
+    def linearize(self, model: Any, params: Tree, inputs: Any) -> tuple[Array, VJP]:
+        """Run the model once: (detached logits with a trailing class axis, vjp)."""
+        ...
+
+    def per_example_vjp(self, model: Any, params: Tree, inputs: Any, cotangents: Array) -> Tree:
+        """Per-input VJPs: ``cotangents`` (K, N, C) for N inputs -> leaves (K, N, *leaf.shape).
+
+        Row n of the result is J_nᵀ ct[:, n], the product through input n alone. Optional:
+        adapters without it raise NotImplementedError. The caller chunks the inputs.
+        """
+        ...
+
+    def probes(self, seed: int, shape: tuple[int, ...], dist: str, like: Array) -> Array:
+        """Random array of ``shape`` with ``like``'s dtype and device, reproducible from ``seed``.
+
+        ``dist``: "rademacher" (±1), "gaussian" (N(0, 1)) or "uniform" ([0, 1)).
+        """
+        ...
+
+    def leaves(self, tree: Tree) -> list[tuple[str, Array]]:
+        """Named array leaves of a parameter (or gradient) tree, in a fixed order."""
+        ...
+
+    def unflatten(self, tree: Tree, leaves: list[Array]) -> Tree:
+        """A tree shaped like ``tree`` holding ``leaves`` (in the order of :meth:`leaves`)."""
+        ...

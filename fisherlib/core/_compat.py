@@ -1,0 +1,108 @@
+"""The core's one door to array-api-compat, and the checks every public core function shares.
+
+Nothing here imports a framework: the namespace always comes from the arrays themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import (
+    array_namespace,
+    device,
+    is_array_api_obj,
+    is_lazy_array,
+)
+
+__all__ = [
+    "array_namespace",
+    "as_floating",
+    "check_logits",
+    "compute_dtype",
+    "device",
+    "is_lazy_array",
+    "namespace_of",
+]
+
+Array = Any
+
+
+def namespace_of(**named: Array):
+    """The one Array API namespace of the named arrays; a TypeError names them if they differ."""
+    for name, x in named.items():
+        if not is_array_api_obj(x):
+            raise TypeError(f"{name}: expected an array, got {type(x).__module__}.{type(x).__name__}")
+    try:
+        return array_namespace(*named.values())
+    except TypeError:
+        kinds = ", ".join(f"{n} is {type(x).__module__}.{type(x).__name__}" for n, x in named.items())
+        raise TypeError(
+            f"{' and '.join(named)}: arrays from different namespaces ({kinds}); "
+            "convert them to one framework first"
+        ) from None
+
+
+def _is_real_floating(xp, dtype) -> bool:
+    try:
+        if xp.isdtype(dtype, "real floating"):
+            return True
+        if xp.isdtype(dtype, "complex floating"):
+            return False
+    except (TypeError, ValueError):
+        pass
+    try:  # bfloat16 and friends: floating for finfo, not always for isdtype
+        xp.finfo(dtype)
+    except (TypeError, ValueError):
+        return False
+    return not xp.isdtype(dtype, ("integral", "bool"))
+
+
+def compute_dtype(xp, dtype):
+    """Working dtype: float32 and float64 as they are; reduced precisions compute in float32."""
+    if dtype in (xp.float32, xp.float64):
+        return dtype
+    return xp.float32
+
+
+def as_floating(x: Array, name: str, xp) -> Array:
+    """Check that ``x`` has a real floating dtype and return it unchanged."""
+    if not _is_real_floating(xp, x.dtype):
+        raise TypeError(f"{name}: expected a real floating dtype, got {x.dtype}")
+    return x
+
+
+def check_logits(z: Array, name: str = "z", *, softmax: bool = True):
+    """Validate logits of shape (..., C) and return ``(xp, z_work, out_dtype)``.
+
+    ``z_work`` is ``z`` in its working dtype (float32 for float16/bfloat16). Value checks
+    (NaN, +inf, rows without a finite logit) run on eager arrays only, so that the core traces
+    under ``jax.jit``.
+    """
+    xp = namespace_of(**{name: z})
+    as_floating(z, name, xp)
+    if z.ndim == 0:
+        raise ValueError(f"{name}: expected shape (..., C) with a trailing class axis, got a 0-d array")
+    if z.shape[-1] == 0:
+        raise ValueError(f"{name}: the class axis (the last one) has size 0; need C >= 1")
+    out_dtype = z.dtype
+    work = compute_dtype(xp, out_dtype)
+    if work != out_dtype:
+        z = xp.astype(z, work)
+    if not is_lazy_array(z):
+        if bool(xp.any(xp.isnan(z))):
+            raise ValueError(f"{name}: contains NaN")
+        if bool(xp.any(z == xp.inf)):
+            raise ValueError(f"{name}: contains +inf; only -inf (a class of probability 0) is allowed")
+        if softmax and bool(xp.any(xp.all(z == -xp.inf, axis=-1))):
+            raise ValueError(f"{name}: a row has every logit equal to -inf, so no class has positive probability")
+    return xp, z, out_dtype
+
+
+def check_vector(v: Array, name: str, z: Array, zname: str = "z"):
+    """Validate a vector argument (..., C) against logits ``z``; return (v_work, result dtype)."""
+    xp = namespace_of(**{zname: z, name: v})
+    as_floating(v, name, xp)
+    if v.ndim == 0 or v.shape[-1] != z.shape[-1]:
+        shape = tuple(v.shape)
+        raise ValueError(f"{name}: expected a trailing axis of size C={z.shape[-1]}, got shape {shape}")
+    return v

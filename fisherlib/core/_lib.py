@@ -1,0 +1,47 @@
+"""Small private helpers shared by the core modules. Every helper takes ``xp`` explicitly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Array = Any
+
+
+def restore(x: Array, dtype, *, xp) -> Array:
+    """Cast a working-precision result back to the caller's dtype (a no-op when equal)."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def log_softmax(z: Array, *, xp) -> Array:
+    """Stable log-softmax over the last axis; -inf logits give -inf (probability exactly 0)."""
+    m = xp.max(z, axis=-1, keepdims=True)
+    s = z - m
+    return s - xp.log(xp.sum(xp.exp(s), axis=-1, keepdims=True))
+
+
+def log_sigmoid(z: Array, *, xp) -> Array:
+    """Stable log σ(z) = -softplus(-z) = min(z, 0) - log1p(exp(-|z|))."""
+    return xp.minimum(z, xp.zeros_like(z)) - xp.log1p(xp.exp(-xp.abs(z)))
+
+
+def matmul_vec(a: Array, v: Array, *, xp) -> Array:
+    """Batched matrix-vector product a @ v over the last axes: (..., m, n) x (..., n) -> (..., m)."""
+    return xp.matmul(a, v[..., None])[..., 0]
+
+
+def outer(u: Array, v: Array) -> Array:
+    """Batched outer product (..., m) x (..., n) -> (..., m, n)."""
+    return u[..., :, None] * v[..., None, :]
+
+
+def with_diagonal(off: Array, diag: Array, *, xp) -> Array:
+    """Matrix equal to ``off`` off the diagonal and to ``diag`` (..., n) on it."""
+    n = diag.shape[-1]
+    eye = xp.eye(n, dtype=xp.bool, device=_device(diag))
+    return xp.where(eye, diag[..., None, :], off)
+
+
+def _device(x: Array):
+    from ._compat import device
+
+    return device(x)
