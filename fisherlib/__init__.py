@@ -6,7 +6,8 @@ framework: torch, jax and cupy are loaded only when you pass their arrays.
 """
 
 from . import hypercube, simplex
+from .estimators import FisherEstimate, Sketch, fisher
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "hypercube", "simplex"]
+__all__ = ["FisherEstimate", "Sketch", "__version__", "fisher", "hypercube", "simplex"]

@@ -1,0 +1,121 @@
+"""Cotangents in logit space: what each Fisher estimator pulls back through the network.
+
+Every function takes logits ``z`` (N, C) (detached) and returns a stack (K, N, C) of
+cotangents u such that the pulled-back gradients g = Jᵀu give the estimator (theory.md §5):
+
+==============  =====================================  ==========================
+estimator       cotangent                               E[g gᵀ] (summed over x)
+==============  =====================================  ==========================
+hutchinson      B ξ = √p ⊙ ξ - p (√p · ξ)               F
+upper bound     √p ⊙ ξ                                  F_UB = Σ Jᵀ diag(p) J
+lower bound     Σ_j √λ_j v_j ξ_j  (top-k eigenpairs)    F_LB (rank-k envelope)
+Monte-Carlo     e_ŷ - p, ŷ ~ p                          F
+empirical       e_y - p, y observed                     empirical FIM (biased)
+exact           the columns B e_k (k = 1..C)            F (no randomness)
+==============  =====================================  ==========================
+
+For the multi-label sigmoid likelihood, B = diag(√σ'), the residual is y - σ and ŷ_c ~
+Bernoulli(σ_c).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import hypercube, simplex
+from ._compat import check_logits, namespace_of
+from ._lib import log_sigmoid, log_softmax
+
+Array = Any
+
+__all__ = ["exact_columns", "hutchinson", "label_residual", "lower_bound", "sample_labels", "upper_bound"]
+
+LIKELIHOODS = ("softmax", "sigmoid")
+
+
+def _likelihood(likelihood: str):
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood: expected one of {LIKELIHOODS}, got {likelihood!r}")
+    return simplex if likelihood == "softmax" else hypercube
+
+
+def hutchinson(z: Array, xi: Array, likelihood: str = "softmax") -> Array:
+    """B(p̃) ξ for probes ``xi`` (K, N, C): unbiased for F once pulled back and squared."""
+    return _likelihood(likelihood).factor_matvec(z, xi)
+
+
+def upper_bound(z: Array, xi: Array) -> Array:
+    """√p ⊙ ξ: the diagonal-kernel cotangent whose pull-back estimates F_UB (theory.md §5.3)."""
+    p = simplex.probs(z)
+    return namespace_of(z=z, xi=xi).sqrt(p) * xi
+
+
+def lower_bound(z: Array, xi: Array) -> Array:
+    """Σ_j √λ_j v_j ξ_j over the top-k eigenpairs of I_Δ(z); ``xi`` is (K, N, k).
+
+    With k = 1 this is the paper's low-rank kernel √λ_C v_C ξ, one probe per input.
+    """
+    xp = namespace_of(z=z, xi=xi)
+    k = xi.shape[-1]
+    lam, vec = simplex.top_eigpair(z, k=k)
+    if k == 1:
+        lam, vec = lam[..., None], vec[..., None]
+    w = vec * xp.sqrt(xp.clip(lam, min=0.0))[..., None, :]  # (N, C, k)
+    return xp.matmul(w, xi[..., None])[..., 0]
+
+
+def exact_columns(z: Array, likelihood: str = "softmax", bound: str | None = None, rank: int = 1) -> Array:
+    """Columns (M, N, C) of a factor of I(z) (or of a bound), so that Σ_m u_m u_mᵀ is exact.
+
+    softmax: the C columns of B; ``bound="upper"``: those of diag(√p); ``bound="lower"``: the
+    ``rank`` columns √λ_j v_j. sigmoid: the C columns of diag(√σ').
+    """
+    xp, zw, _ = check_logits(z, softmax=likelihood == "softmax")
+    _likelihood(likelihood)
+    if likelihood == "sigmoid":
+        cols = _diag_columns(xp.sqrt(hypercube.fim(z)), xp=xp)
+    elif bound is None:
+        cols = xp.permute_dims(simplex.factor(z), (2, 0, 1))
+    elif bound == "upper":
+        cols = _diag_columns(xp.sqrt(simplex.probs(z)), xp=xp)
+    else:
+        lam, vec = simplex.top_eigpair(z, k=rank)
+        if rank == 1:
+            lam, vec = lam[..., None], vec[..., None]
+        cols = xp.permute_dims(vec * xp.sqrt(xp.clip(lam, min=0.0))[..., None, :], (2, 0, 1))
+    return cols
+
+
+def _diag_columns(s, *, xp):
+    C = s.shape[-1]
+    eye = xp.eye(C, dtype=s.dtype, device=_device(s))
+    return eye[:, None, :] * s[None, ...]
+
+
+def sample_labels(z: Array, u: Array, likelihood: str = "softmax") -> Array:
+    """Labels drawn from the model by inverse CDF from uniforms ``u``.
+
+    softmax: ``u`` (K, N) -> class indices (K, N); sigmoid: ``u`` (K, N, C) -> 0/1 (K, N, C).
+    """
+    xp, zw, _ = check_logits(z, softmax=likelihood == "softmax")
+    if _likelihood(likelihood) is hypercube:
+        return xp.astype(u < xp.exp(log_sigmoid(zw, xp=xp)), zw.dtype)
+    cdf = xp.cumulative_sum(xp.exp(log_softmax(zw, xp=xp)), axis=-1)
+    idx = xp.sum(xp.astype(cdf[None, ...] <= u[..., None], xp.int64), axis=-1)
+    return xp.clip(idx, max=zw.shape[-1] - 1)
+
+
+def label_residual(z: Array, y: Array, likelihood: str = "softmax") -> Array:
+    """∂ log p(y|z)/∂z: e_y - p for class indices ``y`` (..., N), y - σ for 0/1 labels (..., N, C)."""
+    xp, zw, dtype = check_logits(z, softmax=likelihood == "softmax")
+    if _likelihood(likelihood) is hypercube:
+        return xp.astype(y, zw.dtype) - xp.exp(log_sigmoid(zw, xp=xp))
+    C = zw.shape[-1]
+    onehot = xp.astype(y[..., None] == xp.arange(C, device=_device(zw)), zw.dtype)
+    return onehot - xp.exp(log_softmax(zw, xp=xp))
+
+
+def _device(x):
+    from ._compat import device
+
+    return device(x)
