@@ -1,0 +1,180 @@
+"""The JAX adapter: a pure ``f(params, x)`` over any pytree (plain dicts, flax, equinox, haiku).
+
+``linearize`` is ``jax.vjp`` of ``p -> f(p, x)``, compiled with ``jax.jit``; the pullback it
+returns is a pytree of residuals, so ``vjp(ct)`` reuses the forward pass instead of repeating
+it, and a stack of K cotangents is one ``jax.vmap`` of the pullback. Everything traces, so the
+adapter also works inside the caller's own ``jax.jit``. Dtypes follow the parameters and inputs:
+float64 when ``jax_enable_x64`` is on.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ._common import check_ct, check_dist, check_per_example_ct, check_seed, check_shape
+
+Tree = Any
+
+__all__ = ["JaxBackend"]
+
+
+def _fwd(model, params, inputs):
+    return jax.vjp(lambda p: model(p, inputs), params)
+
+
+def _pull(pullback, ct):
+    return pullback(ct)[0]
+
+
+def _pull_k(pullback, cts):
+    return jax.vmap(pullback)(cts)[0]
+
+
+def _per_example(model, params, inputs, cts, chunk_size):
+    def one(x_n, ct_n):  # one input as a batch of one; all K cotangents through one pullback
+        x1 = jax.tree_util.tree_map(lambda a: a[None], x_n)
+        _, pullback = jax.vjp(lambda p: model(p, x1), params)
+        return jax.vmap(pullback)(ct_n[:, None])[0]
+
+    if chunk_size is None:
+        return jax.vmap(one, in_axes=(0, 1), out_axes=1)(inputs, cts)
+    rows = jax.lax.map(lambda a: one(*a), (inputs, jnp.moveaxis(cts, 1, 0)), batch_size=chunk_size)
+    return jax.tree_util.tree_map(lambda r: jnp.moveaxis(r, 0, 1), rows)
+
+
+def _same_method(a, b) -> bool:
+    return (getattr(a, "__func__", None) is not None and getattr(a, "__func__", None) is getattr(b, "__func__", None)
+            and getattr(a, "__self__", None) is getattr(b, "__self__", None))
+
+
+_pull_jit = jax.jit(_pull)
+_pull_k_jit = jax.jit(_pull_k)
+
+
+class JaxBackend:
+    """JAX models: a pure function ``f(params, x)`` of a pytree ``params``.
+
+    Parameters
+    ----------
+    jit : bool
+        Compile the forward pass (with its pullback) and the products with ``jax.jit``, cached
+        per model function: pass the same function object each time. Turn off for models that
+        do not trace (Python control flow on values).
+    chunk_size : int, optional
+        Default number of inputs :meth:`per_example_vjp` processes at once (``jax.lax.map``
+        with ``batch_size``); ``None`` vmaps over all of them.
+
+    Notes
+    -----
+    For flax, pass ``lambda p, x: module.apply(p, x)`` (or ``module.apply``) and the variables;
+    for equinox, split the module with ``params, static = eqx.partition(model, eqx.is_array)``
+    and pass ``lambda p, x: eqx.combine(p, static)(x)``. Leaves are named by
+    ``jax.tree_util.keystr`` with ``"."`` separators (``"params.Dense_0.kernel"``).
+    """
+
+    name = "jax"
+    _CACHE_SIZE = 32
+
+    def __init__(self, *, jit: bool = True, chunk_size: int | None = None):
+        self.jit = jit
+        self.chunk_size = chunk_size
+        self._cache: OrderedDict[tuple[int, int], tuple[Any, Callable, Callable]] = OrderedDict()
+
+    def _compiled(self, model: Callable) -> tuple[Callable, Callable]:
+        # Keyed by identity, holding the model so that the id cannot be reused while cached; a
+        # bound method (flax's module.apply) is a new object per access, so key on its parts.
+        key = (id(getattr(model, "__self__", None)), id(getattr(model, "__func__", model)))
+        hit = self._cache.get(key)
+        if hit is not None and (hit[0] is model or _same_method(hit[0], model)):
+            self._cache.move_to_end(key)
+            return hit[1], hit[2]
+
+        def fwd(params, inputs):
+            return _fwd(model, params, inputs)
+
+        def per_example(params, inputs, cts, chunk_size):
+            return _per_example(model, params, inputs, cts, chunk_size)
+
+        if self.jit:
+            fwd, per_example = jax.jit(fwd), jax.jit(per_example, static_argnums=3)
+        self._cache[key] = (model, fwd, per_example)
+        if len(self._cache) > self._CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return fwd, per_example
+
+    def linearize(self, model: Callable, params: Tree, inputs: Any) -> tuple[jax.Array, Callable]:
+        """Run ``model(params, inputs)`` once: (logits, ``vjp``).
+
+        ``vjp(ct)`` with ``ct`` shaped like the logits returns a pytree shaped like ``params``;
+        with ``ct`` (K, *logits.shape) it returns leaves with a leading K, from one ``vmap`` of
+        the pullback.
+        """
+        if not callable(model):
+            raise TypeError(f"model: expected a function f(params, x), got {type(model).__name__}")
+        fwd, _ = self._compiled(model)
+        out, pullback = fwd(params, inputs)
+        shape = tuple(out.shape)
+        pull, pull_k = (_pull_jit, _pull_k_jit) if self.jit else (_pull, _pull_k)
+
+        def vjp(ct: jax.Array) -> Tree:
+            return pull_k(pullback, ct) if check_ct(ct, shape) else pull(pullback, ct)
+
+        return jax.lax.stop_gradient(out), vjp
+
+    def per_example_vjp(self, model: Callable, params: Tree, inputs: Any, cotangents: jax.Array, *,
+                        chunk_size: int | None = None) -> Tree:
+        """J_nᵀ ct[k, n] for every probe k and input n: leaves (K, N, *leaf.shape).
+
+        ``jax.vmap`` over the inputs (each a batch of one) of the pullback ``vmap``-ed over K;
+        with ``chunk_size`` (default: the backend's), ``jax.lax.map`` in batches of that many.
+        """
+        _, per_example = self._compiled(model)
+        n = jax.tree_util.tree_leaves(inputs)[0].shape[0]
+        check_per_example_ct(cotangents, n)
+        return per_example(params, inputs, cotangents, chunk_size if chunk_size is not None else self.chunk_size)
+
+    def probes(self, seed: Any, shape: tuple[int, ...], dist: str, like: jax.Array) -> jax.Array:
+        """Rademacher, Gaussian or uniform values from ``jax.random`` with ``jax.random.key(seed)``.
+
+        ``seed`` is an int, a traced integer scalar (under ``jit``) or a typed PRNG key. The
+        result has ``like``'s dtype and, for a concrete single-device ``like``, its device.
+        """
+        shape, dist = check_shape(shape), check_dist(dist)
+        if not jnp.issubdtype(like.dtype, jnp.floating):
+            raise TypeError(f"like: expected a floating dtype, got {like.dtype}")
+        if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            key = seed
+        elif isinstance(seed, jax.Array):
+            key = jax.random.key(seed)  # a traced integer under jit
+        else:
+            key = jax.random.key(check_seed(seed))
+        if dist == "rademacher":
+            out = jax.random.rademacher(key, shape, dtype=like.dtype)
+        elif dist == "gaussian":
+            out = jax.random.normal(key, shape, dtype=like.dtype)
+        else:
+            out = jax.random.uniform(key, shape, dtype=like.dtype)
+        sharding = getattr(like, "sharding", None) if not isinstance(like, jax.core.Tracer) else None
+        if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+            out = jax.device_put(out, sharding)
+        return out
+
+    def leaves(self, tree: Tree) -> list[tuple[str, jax.Array]]:
+        """Named leaves in ``jax.tree_util`` order, keys joined with ``"."``."""
+        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+        return [(jax.tree_util.keystr(path, simple=True, separator="."), leaf) for path, leaf in flat]
+
+    def unflatten(self, tree: Tree, leaves: list[jax.Array]) -> Tree:
+        """A pytree with ``tree``'s structure holding ``leaves``."""
+        treedef = jax.tree_util.tree_structure(tree)
+        leaves = list(leaves)
+        if len(leaves) != treedef.num_leaves:
+            raise ValueError(f"leaves: the tree has {treedef.num_leaves} leaves, got {len(leaves)}")
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    def __repr__(self) -> str:
+        return f"<fisherlib backend {self.name!r}>"
