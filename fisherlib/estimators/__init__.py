@@ -1,0 +1,7 @@
+"""Fisher estimators on the parameter space: Hutchinson, exact, Monte-Carlo, empirical."""
+
+from ._estimate import FisherEstimate
+from ._fisher import fisher
+from ._sketch import Sketch
+
+__all__ = ["FisherEstimate", "Sketch", "fisher"]

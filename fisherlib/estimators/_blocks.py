@@ -1,0 +1,104 @@
+"""Block structure: how parameter leaves are grouped or split into dense Fisher blocks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+Array = Any
+
+# Largest block size (side of a dense block) that "blocks" will hold.
+MAX_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class Block:
+    """One dense block family: ``leaves`` concatenated, optionally split per output unit.
+
+    ``units`` > 1 means a block per unit (row of the first leaf, with the matching bias entry):
+    the block array then has shape (units, size, size).
+    """
+
+    name: str
+    leaves: tuple[int, ...]
+    units: int
+    size: int
+
+
+def plan(names: list[str], shapes: list[tuple[int, ...]], blocks) -> list[Block]:
+    """Turn the user's ``blocks=`` argument into a list of :class:`Block`.
+
+    ``None``: one block per leaf. ``"unitwise"``: per output unit, a row of each weight matrix
+    with its bias entry (Amari, Karakida & Oizumi's unit-wise Fisher). A sequence of groups of
+    leaf names, or a dict {block name: group}: each group becomes one block, and every leaf not
+    named stays a block of its own.
+    """
+    index = {n: i for i, n in enumerate(names)}
+    if blocks is None:
+        out = [Block(n, (i,), 1, math.prod(shapes[i])) for i, n in enumerate(names)]
+    elif isinstance(blocks, str):
+        if blocks != "unitwise":
+            raise ValueError(f"blocks: expected None, 'unitwise', or groups of leaf names, got {blocks!r}")
+        out = _unitwise(names, shapes)
+    else:
+        groups = blocks.items() if isinstance(blocks, dict) else ((None, g) for g in blocks)
+        out, used = [], set()
+        for label, group in groups:
+            if isinstance(group, str):
+                group = [group]
+            group = list(group)
+            for n in group:
+                if n not in index:
+                    raise ValueError(f"blocks: unknown parameter leaf {n!r}; the leaves are {names}")
+                if n in used:
+                    raise ValueError(f"blocks: leaf {n!r} appears in two blocks")
+                used.add(n)
+            ids = tuple(index[n] for n in group)
+            out.append(Block(label or "+".join(group), ids, 1, sum(math.prod(shapes[i]) for i in ids)))
+        out += [Block(n, (i,), 1, math.prod(shapes[i])) for i, n in enumerate(names) if n not in used]
+    for b in out:
+        if b.size > MAX_BLOCK:
+            raise ValueError(
+                f"blocks: block {b.name!r} has size {b.size}, so its dense matrix would hold "
+                f"{b.size ** 2} entries; blocks larger than {MAX_BLOCK} are refused. Split it "
+                "(blocks='unitwise' or smaller groups) or use structure='diag'"
+            )
+    return out
+
+
+def _unitwise(names, shapes):
+    out, taken = [], set()
+    for i, (n, s) in enumerate(zip(names, shapes)):
+        if i in taken or len(s) < 2:
+            continue
+        bias = _find_bias(i, names, shapes, taken)
+        ids = (i,) if bias is None else (i, bias)
+        taken.update(ids)
+        out.append(Block(n, ids, s[0], math.prod(s[1:]) + (bias is not None)))
+    out += [Block(n, (i,), 1, math.prod(shapes[i])) for i, n in enumerate(names) if i not in taken]
+    return out
+
+
+def _find_bias(i, names, shapes, taken):
+    out = shapes[i][0]
+    candidates = [j for j, s in enumerate(shapes) if j not in taken and j != i and s == (out,)]
+    named = [j for j in candidates if names[j] == names[i].replace("weight", "bias")]
+    if named:
+        return named[0]
+    following = [j for j in candidates if j == i + 1]
+    return following[0] if following else None
+
+
+def vectors(block: Block, grads: Sequence[Array], *, xp) -> Array:
+    """Block vectors (K, M, units, size) from leaf gradients (K, M, *leaf.shape)."""
+    parts = []
+    for i in block.leaves:
+        g = grads[i]
+        K, M = g.shape[0], g.shape[1]
+        parts.append(xp.reshape(g, (K, M, block.units, -1)))
+    return xp.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
+def shapes_of(blocks: list[Block]) -> dict[str, tuple[int, ...]]:
+    return {b.name: ((b.units,) if b.units > 1 else ()) + (b.size, b.size) for b in blocks}

@@ -1,0 +1,165 @@
+"""FisherEstimate: a Fisher estimate with its error bar, mergeable, saved without pickle."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+
+from ..core._compat import array_namespace
+from ._sketch import Sketch
+
+Array = Any
+
+__all__ = ["FisherEstimate"]
+
+_META = ("method", "structure", "likelihood", "bound", "rank", "reduction", "n_inputs", "n_probes",
+         "per_example", "dist", "stderr_kind", "seed")
+
+
+@dataclass
+class FisherEstimate:
+    """An estimate of the Fisher F (or of a bound on it) over a set of inputs.
+
+    The state is a list of named per-probe partial sums ``parts`` (each of shape (K, ...), one
+    slice per probe), so that two estimates over disjoint data merge by addition and the spread
+    over probes gives the standard error.
+
+    Attributes
+    ----------
+    value
+        "diag": a tree shaped like ``params`` (a ``{name: array}`` dict after :meth:`load`);
+        "blocks": ``{block name: (..., size, size) array}``; "trace": a scalar array;
+        "sketch": a :class:`Sketch` with ``matvec``, ``trace`` and ``to_dense``.
+    stderr
+        Same layout as ``value`` (not for "sketch"). ``stderr_kind`` says what it is:
+        "probes" (the spread of K >= 2 probes), "bound" (K = 1 Hutchinson: std <= √2·value,
+        theory.md §5.2), "exact" (0: no randomness), or "unavailable" (K = 1 Monte-Carlo,
+        whose coefficient of variation is unbounded).
+    """
+
+    names: list[str]
+    parts: list[Array]
+    method: str
+    structure: str
+    likelihood: str
+    bound: str | None
+    rank: int
+    reduction: str
+    n_inputs: int
+    n_probes: int
+    per_example: bool
+    dist: str
+    stderr_kind: str
+    seed: int | None = None
+    block_shapes: dict = field(default_factory=dict)
+    _tree: Callable | None = field(default=None, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def value(self):
+        return self._present([self._mean(x) for x in self.parts])
+
+    @property
+    def stderr(self):
+        if self.structure == "sketch":
+            return None
+        return self._present([self._stderr(x) for x in self.parts])
+
+    def _scale(self) -> float:
+        return 1.0 / self.n_inputs if self.reduction == "mean" and self.n_inputs else 1.0
+
+    def _mean(self, x):
+        xp = array_namespace(x)
+        return xp.mean(x, axis=0) * self._scale() if self.structure != "sketch" else x
+
+    def _stderr(self, x):
+        xp = array_namespace(x)
+        K = x.shape[0]
+        if self.stderr_kind == "probes":
+            return xp.std(x, axis=0, correction=1) / math.sqrt(K) * self._scale()
+        if self.stderr_kind == "bound":
+            return math.sqrt(2.0) * xp.abs(xp.mean(x, axis=0)) * self._scale()
+        fill = 0.0 if self.stderr_kind == "exact" else math.nan
+        return xp.full(x.shape[1:], fill, dtype=x.dtype, device=_device(x))
+
+    def _present(self, arrays):
+        if self.structure == "sketch":
+            return Sketch(dict(zip(self.names, arrays)), scale=self._scale())
+        if self.structure == "trace":
+            return arrays[0]
+        if self.structure == "diag" and self._tree is not None:
+            return self._tree(arrays)
+        return dict(zip(self.names, arrays))
+
+    # ------------------------------------------------------------------ merging
+    def merge(self, other: FisherEstimate) -> FisherEstimate:
+        """The estimate over the union of both estimates' (disjoint) inputs."""
+        if not isinstance(other, FisherEstimate):
+            raise TypeError(f"other: expected a FisherEstimate, got {type(other).__name__}")
+        for key in ("method", "structure", "likelihood", "bound", "rank", "reduction", "n_probes",
+                    "per_example", "dist", "names"):
+            if getattr(self, key) != getattr(other, key):
+                raise ValueError(
+                    f"other: cannot merge estimates with different {key} "
+                    f"({getattr(self, key)!r} and {getattr(other, key)!r})"
+                )
+        if self.seed is not None and self.seed == other.seed:
+            raise ValueError(
+                f"other: both estimates were drawn with seed={self.seed}, so their probes repeat; "
+                "run each part of the data with its own seed"
+            )
+        parts = [a + _like(b, a) for a, b in zip(self.parts, other.parts)]
+        return replace(self, parts=parts, n_inputs=self.n_inputs + other.n_inputs,
+                       _tree=self._tree or other._tree)
+
+    __add__ = merge
+
+    # ------------------------------------------------------------------ I/O
+    def to_numpy(self) -> FisherEstimate:
+        """A copy whose arrays are NumPy arrays (values become ``{name: array}`` dicts)."""
+        return replace(self, parts=[_to_numpy(x) for x in self.parts], _tree=None)
+
+    def save(self, path) -> None:
+        """Write to ``.npz`` (arrays plus JSON metadata; no pickle)."""
+        meta = {k: getattr(self, k) for k in _META}
+        meta["names"] = self.names
+        meta["block_shapes"] = self.block_shapes
+        arrays = {f"part{i}": _to_numpy(x) for i, x in enumerate(self.parts)}
+        np.savez(path, __meta__=np.asarray(json.dumps(meta)), **arrays)
+
+    @classmethod
+    def load(cls, path) -> FisherEstimate:
+        """Read an estimate written by :meth:`save` (NumPy arrays)."""
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["__meta__"]))
+            parts = [f[f"part{i}"] for i in range(len(meta["names"]))]
+        names = meta.pop("names")
+        return cls(names=names, parts=parts, **meta)
+
+
+def _device(x):
+    from ..core._compat import device
+
+    return device(x)
+
+
+def _to_numpy(x):
+    if type(x).__module__.startswith("numpy"):
+        return x
+    if hasattr(x, "detach"):  # torch: leave the autograd graph and the device behind
+        x = x.detach().cpu()
+    if hasattr(x, "get"):  # cupy
+        return x.get()
+    return np.asarray(x)
+
+
+def _like(x, ref):
+    """``x`` in the namespace and on the device of ``ref`` (a no-op when they already agree)."""
+    if type(x) is type(ref):
+        return x
+    xp = array_namespace(ref)
+    return xp.asarray(_to_numpy(x), device=_device(ref))

@@ -1,0 +1,373 @@
+"""The driver: loop over batches, ask the core for cotangents, the backend for VJPs, accumulate."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterable
+
+import numpy as np
+
+from .. import backends as _backends
+from ..core import cotangents
+from ..core._compat import array_namespace, is_lazy_array
+from . import _blocks
+from ._estimate import FisherEstimate
+
+Array = Any
+
+__all__ = ["fisher"]
+
+METHODS = ("hutchinson", "exact", "mc", "empirical")
+STRUCTURES = ("diag", "blocks", "sketch", "trace")
+BOUNDS = (None, "upper", "lower")
+DISTS = ("rademacher", "gaussian")
+REDUCTIONS = ("sum", "mean")
+# Elements of per-example gradients (probes x inputs x parameters) held at once.
+_PER_EXAMPLE_ELEMENTS = 1 << 24
+
+
+def fisher(
+    model: Any,
+    params: Any,
+    batches: Any,
+    *,
+    structure: str = "diag",
+    method: str = "hutchinson",
+    likelihood: str = "softmax",
+    bound: str | None = None,
+    rank: int = 1,
+    probes: int = 1,
+    dist: str = "rademacher",
+    per_example: bool | None = None,
+    seed: int = 0,
+    reduction: str = "sum",
+    blocks: Any = None,
+    backend: Any = None,
+    progress: bool = False,
+    chunk_size: int | None = None,
+) -> FisherEstimate:
+    r"""Estimate the Fisher information F(θ) = Σ_x J_xᵀ I(z_x) J_x of a classifier.
+
+    Parameters
+    ----------
+    model, params
+        The network and its parameters, as the backend takes them (a torch ``nn.Module`` with
+        ``params=None`` or a dict; a JAX ``f(params, x)`` with a pytree; an explicit-VJP model).
+    batches
+        An iterable of input arrays or of ``(inputs, labels)`` pairs (labels are used by
+        ``method="empirical"`` only); a single array is one batch. A torch DataLoader works.
+    structure : {"diag", "blocks", "sketch", "trace"}
+        What to estimate: the diagonal (a tree shaped like ``params``), dense blocks (see
+        ``blocks``), a low-rank sketch F̂ = G Gᵀ/K, or the trace.
+    method : {"hutchinson", "exact", "mc", "empirical"}
+        See Notes.
+    likelihood : {"softmax", "sigmoid"}
+        Multi-class (simplex) or multi-label (hypercube) outputs.
+    bound : {None, "upper", "lower"}
+        Estimate (or, with ``method="exact"``, compute) F_UB = Σ Jᵀ diag(p) J or
+        F_LB = Σ λ_C (Jᵀv_C)(Jᵀv_C)ᵀ instead of F (softmax only).
+    rank : int
+        With ``bound="lower"``: the rank-k lower envelope Σ_{top k} λ_j v_j v_jᵀ.
+    probes : int
+        K, the number of probes (Hutchinson) or sampled labels (Monte-Carlo) per batch.
+    dist : {"rademacher", "gaussian"}
+        Probe distribution.
+    per_example : bool, optional
+        Square per-input gradients instead of batch sums (lower variance, N times the VJP
+        work). Always on for "exact" and "empirical".
+    seed : int
+        Seed of every random draw; batch b uses a seed derived from (seed, b).
+    reduction : {"sum", "mean"}
+        F as a sum over inputs (the paper's) or divided by their number.
+    blocks
+        With ``structure="blocks"``: None (one block per parameter leaf), "unitwise", or groups
+        of leaf names (a list of lists, or a dict {name: list}).
+    backend
+        A backend name ("torch", "jax", "numpy", "cupy"), a backend object, or None to infer it
+        from the type of ``params``.
+    progress : bool
+        Show a tqdm progress bar with inputs per second.
+    chunk_size : int, optional
+        Inputs per per-example VJP call (default: what fits 2^24 gradient entries).
+
+    Returns
+    -------
+    FisherEstimate
+
+    Notes
+    -----
+    Per batch of N inputs with logits z (C classes) and P parameters:
+
+    =============  =========================  ==========================  ========================
+    method         cost (VJPs per batch)      bias                        variance of diag entry
+    =============  =========================  ==========================  ========================
+    hutchinson     1 batched call of K        unbiased for F (or bound)   <= 2 F_ii² / K
+    ... per_ex.    N·K per-example            unbiased                    smaller (no cross terms)
+    mc             1 batched call of K        unbiased                    unbounded CV
+    exact          N·C per-example            exact                       0
+    empirical      N per-example              biased (observed labels)    0 (deterministic)
+    =============  =========================  ==========================  ========================
+
+    The Hutchinson cotangent is B(p̃)ξ with B = diag(√p) − p√pᵀ and p̃ detached, so that
+    g = Σ_x J_xᵀ B_x ξ_x has E[g gᵀ] = F: cross terms between inputs vanish in expectation,
+    which is why one VJP per batch suffices. For Rademacher ξ, Var(ĝ_i²) = 2(F_ii² − Σ_k w_ik⁴)
+    <= 2F_ii² (theory.md §5.2), so the coefficient of variation is at most √(2/K).
+
+    References
+    ----------
+    K. Sun, "Deterministic Bounds and Random Estimates of Metric Tensors on Neuromanifolds",
+    arXiv:2505.13614 (ICLR 2026), Propositions 6 and 12.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fisherlib
+    >>> from fisherlib.models import Linear
+    >>> model = Linear(4, 3)
+    >>> params = model.init(seed=0, like=np.zeros(1))
+    >>> x = np.random.default_rng(0).normal(size=(32, 4))
+    >>> exact = fisherlib.fisher(model, params, x, method="exact")
+    >>> est = fisherlib.fisher(model, params, x, probes=64, seed=1)
+    >>> bool(np.all(np.abs(est.value["weight"] - exact.value["weight"]) < 5 * est.stderr["weight"] + 1e-12))
+    True
+    """
+    opts = _validate(structure, method, likelihood, bound, rank, probes, dist, per_example, reduction,
+                     blocks, seed, chunk_size)
+    be = None
+    parts: list[Array] | None = None
+    n_inputs = 0
+    bar = _Progress(_batches(batches), progress)
+    for b, (inputs, labels) in enumerate(bar):
+        if be is None:  # a module with params=None is identified by its inputs
+            be = _resolve_backend(backend, params if params is not None else inputs)
+        logits, vjp = be.linearize(model, params, inputs)
+        z, C = _check_logits(logits, b, likelihood)
+        if parts is None:
+            # The parameter tree: ``params``, or (params=None: a module's own parameters) the
+            # shape of one pull-back, taken once.
+            template = params if params is not None else vjp(_reshape_like(z[None, ...] * 0, logits))
+            names = [n for n, _ in be.leaves(template)]
+            sizes = [math.prod(x.shape[1 if params is None else 0:]) for _, x in be.leaves(template)]
+            shapes = [tuple(x.shape[1 if params is None else 0:]) for _, x in be.leaves(template)]
+            plan = _blocks.plan(names, shapes, blocks) if structure == "blocks" else None
+        n = z.shape[0]
+        ct = _cotangent(be, z, labels, b, opts)  # (K, n, C)
+        if opts["per_example"]:
+            contrib = _per_example(be, model, params, inputs, ct, opts, structure, plan, n, sum(sizes))
+        else:
+            grads = [g for _, g in be.leaves(vjp(_reshape_like(ct, logits)))]
+            contrib = _accumulate([g[:, None, ...] for g in grads], structure, plan, sum_probes=False)
+        parts = contrib if parts is None else [a + c for a, c in zip(parts, contrib)]
+        n_inputs += n
+        bar.inputs(n_inputs)
+    if parts is None:
+        raise ValueError("batches: no batch was given")
+
+    out_names = names if structure in ("diag", "sketch") else (
+        ["trace"] if structure == "trace" else [blk.name for blk in plan])
+    deterministic = method in ("exact", "empirical")
+    K = 0 if deterministic else probes
+    if deterministic:
+        kind = "exact"
+    elif probes >= 2:
+        kind = "probes"
+    else:
+        kind = "bound" if method == "hutchinson" else "unavailable"
+    tree = (lambda arrays: be.unflatten(template, arrays)) if structure == "diag" else None
+    return FisherEstimate(
+        names=out_names, parts=parts, method=method, structure=structure, likelihood=likelihood,
+        bound=bound, rank=rank if bound == "lower" else 1, reduction=reduction, n_inputs=n_inputs,
+        n_probes=K, per_example=opts["per_example"], dist=dist if method == "hutchinson" else "none",
+        stderr_kind=kind, seed=seed if not deterministic else None,
+        block_shapes=_blocks.shapes_of(plan) if plan else {}, _tree=tree,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _resolve_backend(backend, params):
+    if backend is None:
+        return _backends.infer(params)
+    if isinstance(backend, str):
+        return _backends.get(backend)
+    return backend
+
+
+def _validate(structure, method, likelihood, bound, rank, probes, dist, per_example, reduction, blocks,
+              seed, chunk_size):
+    for name, value, allowed in (("structure", structure, STRUCTURES), ("method", method, METHODS),
+                                 ("likelihood", likelihood, cotangents.LIKELIHOODS),
+                                 ("bound", bound, BOUNDS), ("dist", dist, DISTS),
+                                 ("reduction", reduction, REDUCTIONS)):
+        if value not in allowed:
+            raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+    for name, value in (("probes", probes), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
+    deterministic = method in ("exact", "empirical")
+    if bound is not None and method in ("mc", "empirical"):
+        raise ValueError(f"bound: {bound!r} is estimated by method='hutchinson' or computed by "
+                         f"method='exact', not by method={method!r}")
+    if bound is not None and likelihood != "softmax":
+        raise ValueError("bound: the bounds F_LB and F_UB concern the softmax simplex; with "
+                         "likelihood='sigmoid' the Fisher kernel is already diagonal")
+    if rank != 1 and bound != "lower":
+        raise ValueError(f"rank: only used with bound='lower', got rank={rank} with bound={bound!r}")
+    if deterministic and probes != 1:
+        raise ValueError(f"probes: method={method!r} draws nothing at random; leave probes=1")
+    if deterministic and per_example is False:
+        raise ValueError(f"per_example: method={method!r} always works per example")
+    if structure == "sketch" and deterministic:
+        raise ValueError(f"structure: 'sketch' keeps K random probe gradients; method={method!r} "
+                         "is not random (use structure='blocks' or 'diag')")
+    if structure == "sketch" and per_example:
+        raise ValueError("per_example: a sketch sums probe gradients over inputs, so per-example "
+                         "VJPs would give the same sketch at N times the cost")
+    if blocks is not None and structure != "blocks":
+        raise ValueError(f"blocks: only used with structure='blocks', got structure={structure!r}")
+    return {"method": method, "likelihood": likelihood, "bound": bound, "rank": rank, "probes": probes,
+            "dist": dist, "per_example": bool(per_example) or deterministic, "seed": seed,
+            "chunk_size": chunk_size}
+
+
+def _batches(batches: Any) -> Iterable[tuple[Any, Any]]:
+    """Yield (inputs, labels or None) from a single array or an iterable of batches."""
+    if hasattr(batches, "shape") and hasattr(batches, "dtype"):
+        batches = [batches]
+    for item in batches:
+        if isinstance(item, (tuple, list)):
+            if len(item) != 2:
+                raise ValueError(f"batches: expected inputs or (inputs, labels) pairs, got a {len(item)}-tuple")
+            yield item[0], item[1]
+        else:
+            yield item, None
+
+
+class _Progress:
+    """Iterate batches, with a tqdm bar showing inputs per second when asked for."""
+
+    def __init__(self, it, show: bool):
+        self.bar = None
+        if show:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError as e:  # pragma: no cover - tqdm ships with the test/demo extras
+                raise ImportError("progress=True needs tqdm: pip install 'fisherlib[demo]'") from e
+            it = self.bar = tqdm(it, desc="fisher", unit="batch")
+        self.it = it
+        self.t0 = time.perf_counter()
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def inputs(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(inputs_per_s=f"{n / max(time.perf_counter() - self.t0, 1e-9):.0f}")
+
+
+def _check_logits(logits, b, likelihood):
+    xp = array_namespace(logits)
+    if logits.ndim < 2:
+        raise ValueError(f"batches: batch {b} gave logits of shape {tuple(logits.shape)}; expected (N, C)")
+    C = logits.shape[-1]
+    z = xp.reshape(logits, (-1, C))
+    if not is_lazy_array(z):
+        bad = ~xp.isfinite(z) if likelihood == "sigmoid" else (xp.isnan(z) | (z == xp.inf))
+        if bool(xp.any(bad)):
+            raise ValueError(f"batches: batch {b} gave non-finite logits (NaN or +inf); the model "
+                             "output must be finite")
+    return z, C
+
+
+def _reshape_like(ct, logits):
+    xp = array_namespace(ct)
+    return xp.reshape(ct, (ct.shape[0], *logits.shape))
+
+
+def _batch_seed(seed: int, b: int, stream: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, b, stream]).generate_state(1)[0])
+
+
+def _cotangent(be, z, labels, b, opts):
+    method, lik, K = opts["method"], opts["likelihood"], opts["probes"]
+    n, C = z.shape
+    s = _batch_seed(opts["seed"], b)
+    if method == "exact":
+        return cotangents.exact_columns(z, lik, opts["bound"], opts["rank"])
+    if method == "empirical":
+        if labels is None:
+            raise ValueError("batches: method='empirical' needs (inputs, labels) pairs")
+        return cotangents.label_residual(z, _labels(labels, z, lik, b), lik)[None, ...]
+    if method == "mc":
+        u = be.probes(s, (K, n) if lik == "softmax" else (K, n, C), "uniform", like=z)
+        return cotangents.label_residual(z, cotangents.sample_labels(z, u, lik), lik)
+    if opts["bound"] == "lower":
+        return cotangents.lower_bound(z, be.probes(s, (K, n, opts["rank"]), opts["dist"], like=z))
+    xi = be.probes(s, (K, n, C), opts["dist"], like=z)
+    if opts["bound"] == "upper":
+        return cotangents.upper_bound(z, xi)
+    return cotangents.hutchinson(z, xi, lik)
+
+
+def _labels(labels, z, likelihood, b):
+    xp = array_namespace(z)
+    try:
+        y = xp.asarray(labels, device=None) if type(labels) is type(z) else xp.asarray(np.asarray(labels))
+    except Exception as e:  # noqa: BLE001 - any conversion failure is a bad label array
+        raise TypeError(f"batches: batch {b} labels could not be read as an array: {e}") from None
+    n, C = z.shape
+    want = (n,) if likelihood == "softmax" else (n, C)
+    if tuple(y.shape) != want:
+        raise ValueError(f"batches: batch {b} labels have shape {tuple(y.shape)}; expected {want} "
+                         f"for {n} inputs and likelihood={likelihood!r}")
+    if not is_lazy_array(y):
+        if likelihood == "softmax" and bool(xp.any((y < 0) | (y >= C))):
+            raise ValueError(f"batches: batch {b} has labels outside 0..{C - 1}")
+        if likelihood == "sigmoid" and bool(xp.any((y != 0) & (y != 1))):
+            raise ValueError(f"batches: batch {b} has multi-label targets other than 0 and 1")
+    return y
+
+
+def _per_example(be, model, params, inputs, ct, opts, structure, plan, n, P):
+    K = ct.shape[0]
+    chunk = opts["chunk_size"] or max(1, _PER_EXAMPLE_ELEMENTS // max(1, K * P))
+    total = None
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        tree = be.per_example_vjp(model, params, inputs[i:j], ct[:, i:j, :])
+        grads = [g for _, g in be.leaves(tree)]
+        c = _accumulate(grads, structure, plan, sum_probes=opts["method"] in ("exact", "empirical"))
+        total = c if total is None else [a + x for a, x in zip(total, c)]
+    return total
+
+
+def _accumulate(grads, structure, plan, *, sum_probes):
+    """Per-probe contributions from gradients (K, M, *leaf): sum over the M rank-one terms."""
+    xp = array_namespace(*grads)
+    grads = [_widen(g, xp) for g in grads]
+    if structure == "diag":
+        out = [xp.sum(g * g, axis=1) for g in grads]
+    elif structure == "sketch":
+        out = [xp.sum(g, axis=1) for g in grads]
+    elif structure == "trace":
+        out = [sum(xp.sum(xp.reshape(g * g, (g.shape[0], -1)), axis=1) for g in grads)]
+    else:
+        out = []
+        for blk in plan:
+            u = xp.permute_dims(_blocks.vectors(blk, grads, xp=xp), (0, 2, 3, 1))  # (K, U, S, M)
+            m = xp.matmul(u, xp.matrix_transpose(u))
+            out.append(m[:, 0, ...] if blk.units == 1 else m)
+    if sum_probes:
+        out = [xp.sum(x, axis=0, keepdims=True) for x in out]
+    return out
+
+
+def _widen(g, xp):
+    """Reduced precisions accumulate in float32."""
+    return g if g.dtype in (xp.float32, xp.float64) else xp.astype(g, xp.float32)
