@@ -1,0 +1,1 @@
+"""Tests of fisherlib.core: the core-space geometry against dense float64 references."""
