@@ -51,6 +51,7 @@ _ENTRIES: dict[str, _Entry] = {e.name: e for e in _BUILTINS}
 _INSTANCES: dict[str, Backend] = {}
 _TYPE_CACHE: dict[type, str] = {}
 _SCANNED = False
+_LOOKED_UP: set[str] = set()  # modules already searched for among the entry points
 
 
 # -- registration ------------------------------------------------------------------------------
@@ -98,6 +99,7 @@ def unregister(name: str) -> None:
 def _forget(name: str) -> None:
     _INSTANCES.pop(name, None)
     _TYPE_CACHE.clear()
+    _LOOKED_UP.clear()
 
 
 def _scan_entry_points(force: bool = False) -> None:
@@ -109,9 +111,11 @@ def _scan_entry_points(force: bool = False) -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in _ENTRIES or _ENTRIES[ep.name].source == "entry point":
+        old = _ENTRIES.get(ep.name)
+        if old is None or (old.source == "entry point" and old.target != ep):
             _ENTRIES[ep.name] = _Entry(ep.name, ep, None, None, (ep.name,), "entry point")
-            _forget(ep.name)
+            _INSTANCES.pop(ep.name, None)
+            _TYPE_CACHE.clear()
 
 
 # -- lookup ------------------------------------------------------------------------------------
@@ -210,18 +214,24 @@ def _owner(cls: type) -> str | None:
     """Backend name for an array type: the top-level module of the type or of a base class."""
     if cls in _TYPE_CACHE:
         return _TYPE_CACHE[cls]
+    top = _ALIASES.get(cls.__module__.split(".")[0], cls.__module__.split(".")[0])
     by_module = {m: e.name for e in _ENTRIES.values() for m in e.modules}
+    if top not in by_module and top not in _LOOKED_UP:
+        # An unregistered module may have an entry point installed since the last scan.
+        _LOOKED_UP.add(top)
+        _scan_entry_points(force=True)
+        by_module = {m: e.name for e in _ENTRIES.values() for m in e.modules}
     for base in cls.__mro__:
-        top = base.__module__.split(".")[0]
-        top = _ALIASES.get(top, top)
-        if top in by_module:
-            _TYPE_CACHE[cls] = by_module[top]
-            return by_module[top]
+        mod = base.__module__.split(".")[0]
+        mod = _ALIASES.get(mod, mod)
+        if mod in by_module:
+            _TYPE_CACHE[cls] = by_module[mod]
+            return by_module[mod]
     return None
 
 
 def _find(tree: Tree, seen: list[type]) -> str | None:
-    if tree is None or isinstance(tree, (bool, int, float, complex, str, bytes)):
+    if tree is None or type(tree) in (bool, int, float, complex, str, bytes):
         return None
     name = _owner(type(tree))
     if name is not None:
@@ -255,10 +265,6 @@ def infer(params: Tree) -> Backend:
     """
     seen: list[type] = []
     name = _find(params, seen)
-    if name is None:
-        _scan_entry_points(force=True)
-        _TYPE_CACHE.clear()
-        name = _find(params, [])
     if name is None:
         kinds = ", ".join(sorted({f"{t.__module__}.{t.__qualname__}" for t in seen}))
         what = f"no backend handles {kinds}" if kinds else "found no array leaves"

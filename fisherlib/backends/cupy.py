@@ -88,21 +88,39 @@ class CupyBackend(ExplicitBackend):
             "framework cannot be told from CuPy parameters; pass CupyBackend(via='torch') or via='jax'"
         )
 
-    def _enter(self, model, params, inputs):
+    def _enter(self, model, params):
+        """(inner adapter, params handed to it, cross(tree) to the framework, back(grads) to ours)."""
         inner = self._inner(model, params)
         to_fw = _to_framework(inner.name)
 
+        def one(a):
+            try:
+                return to_fw(a)
+            except Exception:  # a layout the importer rejects (e.g. strided views): copy once
+                return to_fw(self.xp.array(a, copy=True))
+
         def cross(tree):
             if self._is_ours(tree):
-                return to_fw(tree)
+                return one(tree)
             _, leaves = flatten(tree, self._is_ours)
-            return unflatten(tree, [to_fw(a) for a in leaves], self._is_ours) if leaves else tree
+            return unflatten(tree, [one(a) for a in leaves], self._is_ours) if leaves else tree
+
+        fw_params = None if params is None else cross(params)
+        ours = params is not None and bool(flatten(params, self._is_ours)[1])
+        if ours:
+            # Gradients come back in the inner adapter's leaf order (JAX sorts dict keys); match
+            # them to the caller's tree by identity of the parameter leaves handed over.
+            order = {id(a): i for i, (_, a) in enumerate(inner.leaves(fw_params))}
+            _, fw_leaves = flatten(fw_params, lambda a: id(a) in order)
+            perm = [order[id(a)] for a in fw_leaves]
 
         def back(tree):
-            named = inner.leaves(tree)
-            return inner.unflatten(tree, [self.xp.from_dlpack(_detached(a)) for _, a in named])
+            got = [self.xp.from_dlpack(_detached(a)) for _, a in inner.leaves(tree)]
+            if not ours:
+                return inner.unflatten(tree, got)
+            return unflatten(params, [got[i] for i in perm], self._is_ours)
 
-        return inner, cross, back
+        return inner, fw_params, cross, back
 
     # -- the protocol ---------------------------------------------------------------------------
 
@@ -115,8 +133,8 @@ class CupyBackend(ExplicitBackend):
         """
         if _is_explicit(model):
             return super().linearize(model, params, inputs)
-        inner, cross, back = self._enter(model, params, inputs)
-        logits, pull = inner.linearize(model, None if params is None else cross(params), cross(inputs))
+        inner, fw_params, cross, back = self._enter(model, params)
+        logits, pull = inner.linearize(model, fw_params, cross(inputs))
 
         def vjp(ct: Array) -> Tree:
             return back(pull(cross(ct)))
@@ -128,9 +146,8 @@ class CupyBackend(ExplicitBackend):
         if _is_explicit(model):
             return super().per_example_vjp(model, params, inputs, cotangents)
         check_per_example_ct(cotangents, inputs.shape[0])
-        inner, cross, back = self._enter(model, params, inputs)
-        rows = inner.per_example_vjp(model, None if params is None else cross(params), cross(inputs),
-                                     cross(cotangents), **options)
+        inner, fw_params, cross, back = self._enter(model, params)
+        rows = inner.per_example_vjp(model, fw_params, cross(inputs), cross(cotangents), **options)
         return back(rows)
 
     def probes(self, seed: int, shape: tuple[int, ...], dist: str, like: Array) -> Array:

@@ -167,8 +167,8 @@ def check_per_example(backend, case: Case, *, k: int = 2, seed: int = 3) -> None
         assert r.shape[:2] == (k, n), f"per-example leaf {name!r}: shape {r.shape}, expected ({k}, {n}, ...)"
         _close(r.sum(axis=1), total[name], f"per-example rows summed, leaf {name!r}", 1e-9, 1e-11)
     for i in range(n):
-        _, vjp_i = backend.linearize(case.model, case.params, case.inputs[i:i + 1])
-        single = _named(backend, vjp_i(case.from_numpy(ct[:, i:i + 1])), case)
+        _, vjp_i = backend.linearize(case.model, case.params, case.inputs[i:i + 1, ...])
+        single = _named(backend, vjp_i(case.from_numpy(ct[:, i:i + 1, ...])), case)
         for name, g in single.items():
             _close(rows[name][:, i], g, f"per-example row {i}, leaf {name!r}", 1e-9, 1e-11)
 

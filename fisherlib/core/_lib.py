@@ -13,10 +13,17 @@ def restore(x: Array, dtype, *, xp) -> Array:
 
 
 def log_softmax(z: Array, *, xp) -> Array:
-    """Stable log-softmax over the last axis; -inf logits give -inf (probability exactly 0)."""
+    """Stable log-softmax over the last axis; -inf logits give -inf (probability exactly 0).
+
+    The normaliser is log Σ exp(s) = log1p(Σ_{j ≠ argmax} exp(s_j)) with s = z - max z, so that
+    log p_max, and hence 1 - p_max = -expm1(log p_max), keep full relative accuracy near a
+    one-hot output (log(1 + r) would round r away once r < ε).
+    """
     m = xp.max(z, axis=-1, keepdims=True)
     s = z - m
-    return s - xp.log(xp.sum(xp.exp(s), axis=-1, keepdims=True))
+    top = xp.arange(z.shape[-1], device=_device(z)) == xp.argmax(z, axis=-1, keepdims=True)
+    rest = xp.sum(xp.where(top, xp.zeros_like(s), xp.exp(s)), axis=-1, keepdims=True)
+    return s - xp.log1p(rest)
 
 
 def log_sigmoid(z: Array, *, xp) -> Array:

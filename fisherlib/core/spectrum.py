@@ -133,7 +133,8 @@ def lambda_max_bounds(z: Array) -> tuple[Array, Array]:
     block = 0.5 * (t + xp.sqrt(xp.clip(t * t - 4 * a * b * rest, min=0.0)))
     lower = xp.maximum(xp.maximum(b, a * qa), block)
     tr = xp.sum(p * q, axis=-1)
-    upper = xp.minimum(xp.minimum(a, tr), t - xp.sum(p[..., :-2] ** 2, axis=-1))
+    others = xp.sum(p[..., :-2] ** 2, axis=-1) if p.shape[-1] > 2 else zero  # [:-2] is out of range at C=1
+    upper = xp.minimum(xp.minimum(a, tr), t - others)
     return restore(lower, dtype, xp=xp), restore(upper, dtype, xp=xp)
 
 

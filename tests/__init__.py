@@ -1,0 +1,1 @@
+"""fisherlib test suite (a package, so that helper modules import as ``tests._backends``)."""

@@ -1,0 +1,185 @@
+"""The torch adapter beyond the conformance suite: batch norm, frozen and unused parameters,
+convolutions and attention, chunks, errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from backend_cases import HAS
+
+from fisherlib.backends import BatchNormWarning, get, testing
+
+pytestmark = pytest.mark.skipif(not HAS["torch"], reason="torch is not installed")
+
+
+@pytest.fixture
+def torch():
+    import torch
+
+    torch.manual_seed(0)
+    return torch
+
+
+@pytest.fixture
+def be():
+    return get("torch")
+
+
+def _bn_net(torch):
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+
+
+def test_batchnorm_in_training_mode_warns_at_the_callers_line(torch, be):
+    net = _bn_net(torch)
+    with pytest.warns(BatchNormWarning, match="training mode .* batch-norm .* model.eval()") as rec:
+        be.linearize(net, None, torch.randn(5, 3))
+    assert rec[0].filename == __file__
+
+
+def test_batchnorm_warning_also_for_explicit_params_and_per_example(torch, be):
+    net = _bn_net(torch)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    with pytest.warns(BatchNormWarning):
+        be.linearize(net, params, torch.randn(5, 3))
+    with pytest.warns(BatchNormWarning), pytest.raises(Exception):  # a batch of one cannot normalise
+        be.per_example_vjp(net, None, torch.randn(5, 3), torch.randn(1, 5, 2))
+
+
+def test_no_batchnorm_warning_in_eval_mode_or_when_disabled(torch, be):
+    net = _bn_net(torch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get("torch", warn_batchnorm=False).linearize(net, None, torch.randn(5, 3))
+        net.eval()
+        be.linearize(net, None, torch.randn(5, 3))
+        be.per_example_vjp(net, None, torch.randn(5, 3), torch.randn(2, 5, 2))
+        plain = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+        be.linearize(plain, None, torch.randn(5, 3))  # training mode without batch norm
+
+
+def test_frozen_parameters_are_left_out(torch, be):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    net[0].weight.requires_grad_(False)
+    z, vjp = be.linearize(net, None, torch.randn(5, 3))
+    assert list(vjp(torch.ones_like(z))) == ["0.bias", "2.weight", "2.bias"]
+    assert [n for n, _ in be.leaves(net)] == ["0.bias", "2.weight", "2.bias"]
+    rows = be.per_example_vjp(net, None, torch.randn(5, 3), torch.ones(2, 5, 2))
+    assert list(rows) == ["0.bias", "2.weight", "2.bias"] and rows["2.weight"].shape == (2, 5, 2, 4)
+    assert net[0].weight.grad is None and net[2].weight.grad is None  # .grad is never touched
+
+
+def test_unused_parameters_get_zeros(torch, be):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    z, vjp = be.linearize(Net(), None, torch.randn(4, 3))
+    one, many = vjp(torch.ones_like(z)), vjp(torch.ones(3, *z.shape))
+    assert torch.all(one["unused.weight"] == 0) and one["unused.weight"].shape == (2, 3)
+    assert torch.all(many["unused.bias"] == 0) and many["unused.bias"].shape == (3, 2)
+
+
+def test_logits_are_detached_and_vjp_can_be_called_again(torch, be):
+    net = torch.nn.Linear(3, 2)
+    z, vjp = be.linearize(net, None, torch.randn(4, 3))
+    assert not z.requires_grad
+    a, b = vjp(torch.ones_like(z)), vjp(torch.ones_like(z))
+    assert torch.equal(a["weight"], b["weight"])
+    assert not a["weight"].requires_grad
+
+
+def _conv_net(torch):
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.AvgPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(3 * 2 * 2, 3),
+    ).double()
+
+
+def _encoder(torch):
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Linear(2, 8)
+            self.layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.layer(self.embed(x)).mean(dim=1))
+
+    return Encoder().double().eval()
+
+
+@pytest.mark.parametrize("kind", ["conv", "attention"])
+def test_conv_and_attention_models_conform(torch, be, kind):
+    """Any differentiable layer works: no layer whitelist."""
+    net = _conv_net(torch) if kind == "conv" else _encoder(torch)
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64) if kind == "conv" else torch.randn(3, 4, 2, dtype=torch.float64)
+    case = testing.Case(net, None, x, lambda a: a.detach().numpy(), torch.from_numpy)
+    testing.check_vjp_directional(be, case)
+    testing.check_vjp_batched(be, case)
+    testing.check_per_example(be, case)
+
+
+def test_per_example_chunks_agree(torch, be):
+    net = _conv_net(torch)
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    ct = torch.randn(2, 5, 3, dtype=torch.float64)
+    whole = be.per_example_vjp(net, None, x, ct)
+    for chunks in (get("torch", chunk_size=2).per_example_vjp(net, None, x, ct),
+                   be.per_example_vjp(net, None, x, ct, chunk_size=1)):
+        for k in whole:
+            torch.testing.assert_close(chunks[k], whole[k])
+
+
+def test_explicit_dict_with_nested_keys(torch, be):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
+    nested = {"0": {"weight": net[0].weight.detach(), "bias": net[0].bias.detach()}}
+    x = torch.randn(4, 3, dtype=torch.float64)
+    z, vjp = be.linearize(net, nested, x)
+    g = vjp(torch.ones_like(z))
+    assert set(g) == {"0"} and g["0"]["weight"].shape == (2, 3)
+    assert not nested["0"]["weight"].requires_grad  # the caller's tensors are not modified
+    torch.testing.assert_close(g["0"]["bias"], torch.full((2,), 4.0, dtype=torch.float64))
+
+
+def test_errors_name_the_argument(torch, be):
+    net = torch.nn.Linear(3, 2)
+    z, vjp = be.linearize(net, None, torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"ct: expected the logits' shape \(4, 2\)"):
+        vjp(torch.ones(4, 3))
+    with pytest.raises(TypeError, match="params: required"):
+        be.linearize(lambda p, x: x, None, torch.randn(2, 2))
+    with pytest.raises(TypeError, match="model: expected an nn.Module or a callable"):
+        be.linearize(3, {"w": torch.ones(1)}, torch.randn(2, 2))
+    with pytest.raises(ValueError, match="cotangents: expected shape"):
+        be.per_example_vjp(net, None, torch.randn(4, 3), torch.ones(4, 2))
+    with pytest.raises(ValueError, match="dist: expected one of"):
+        be.probes(0, (2,), "normal", z)
+    with pytest.raises(TypeError, match="like: expected a floating torch tensor"):
+        be.probes(0, (2,), "gaussian", torch.ones(2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="seed: expected an int"):
+        be.probes(0.5, (2,), "gaussian", z)
+    with pytest.raises(ValueError, match="leaves: the tree has 2 leaves"):
+        be.unflatten(net, [torch.ones(1)])
+
+
+def test_probes_follow_device_and_dtype(torch, be):
+    like = torch.zeros(2, dtype=torch.float16)
+    out = be.probes(3, (4, 5), "rademacher", like)
+    assert out.dtype == torch.float16 and out.device == like.device
+    assert torch.equal(out, be.probes(3, (4, 5), "rademacher", like))
+
+
+def test_leaves_and_unflatten_round_trip(torch, be):
+    tree = {"a": [torch.ones(2), torch.zeros(3)], "b": (torch.ones(1), 7), "c": torch.arange(3)}
+    named = be.leaves(tree)
+    assert [n for n, _ in named] == ["a.0", "a.1", "b.0"]  # integers and ints are not parameters
+    back = be.unflatten(tree, [2 * a for _, a in named])
+    assert back["b"][1] == 7 and torch.equal(back["c"], tree["c"]) and torch.equal(back["a"][0], 2 * torch.ones(2))
+    assert np.allclose(back["b"][0].numpy(), 2.0)

@@ -1,0 +1,307 @@
+"""Spectrum of I_Δ (theory §2): the secular solver against dense float64 eigh, and the bounds.
+
+Tolerances are derived in tests/core/_reference.py: eigenvalues and residuals to
+16 (C + 1) ε max p in float64 (<= 2.3e-13 max p for C <= 64) and 64 ε₃₂ max p in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from array_api_compat import array_namespace
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fisherlib import simplex
+from tests._backends import backend_of, jit, to_numpy, to_xp
+from tests.core._reference import (
+    assert_spectrum_matches,
+    eig_tol,
+    eps,
+    logits,
+    make_logits,
+    max_p,
+    product_tol,
+    ref_eigh,
+    ref_fim,
+    ref_probs,
+)
+
+
+def _z(shape, kind="random", seed=0):
+    return make_logits(np.random.default_rng(seed), shape, kind)
+
+
+# ----------------------------------------------------------------------------- eigh / eigvalsh
+
+
+@given(data=st.data())
+def test_eigh_matches_dense_float64(xp, data):
+    z = data.draw(logits(xp))
+    lam, V = simplex.eigh(to_xp(z, xp))
+    assert tuple(lam.shape) == z.shape and tuple(V.shape) == (*z.shape, z.shape[-1])
+    assert lam.dtype == xp.float64 and V.dtype == xp.float64
+    assert_spectrum_matches(z, to_numpy(lam), to_numpy(V), "float64")
+
+
+@given(data=st.data())
+def test_eigvalsh_matches_dense_float64(xp, data):
+    z = data.draw(logits(xp))
+    lam = to_numpy(simplex.eigvalsh(to_xp(z, xp)))
+    w = np.linalg.eigvalsh(ref_fim(z))
+    assert np.abs(lam - w).max() <= eig_tol(z.shape[-1]) * max_p(z).min()
+    # λ_1 = 0 exactly, and eigh returns the same eigenvalues.
+    assert np.all(lam[..., 0] == 0)
+    lam2, _ = simplex.eigh(to_xp(z, xp))
+    assert np.array_equal(to_numpy(lam2), lam)
+
+
+@given(data=st.data())
+def test_eigh_matches_dense_float32(xp, data):
+    """float32 in and out; compared with float64 eigh of the same float32 logits."""
+    z = data.draw(logits(xp)).astype(np.float32)
+    lam, V = simplex.eigh(to_xp(z, xp, "float32"))
+    assert lam.dtype == xp.float32 and V.dtype == xp.float32
+    assert_spectrum_matches(z.astype(np.float64), to_numpy(lam), to_numpy(V), "float32")
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        [0.25, 0.25, 0.25, 0.25],  # uniform: {0, 1/C x (C-1)}
+        [0.1, 0.2, 0.2, 0.5],  # one tie
+        [0.2, 0.2, 0.3, 0.3],  # two ties
+        [0.0, 0.0, 0.4, 0.6],  # two zeros
+        [0.0, 0.3, 0.3, 0.4],  # a zero and a tie
+        [0.0, 0.0, 0.0, 1.0],  # a vertex: I_Δ = 0
+    ],
+)
+def test_ties_and_zeros(xp, p):
+    """Ties p_i = p_j give p_i as an eigenvalue; zeros (logit -inf) add kernel directions."""
+    p = np.array(p)
+    with np.errstate(divide="ignore"):
+        z = np.log(p)
+    z = np.stack([z, z[::-1]])  # also in another class order
+    lam, V = simplex.eigh(to_xp(z, xp))
+    lam, V = to_numpy(lam), to_numpy(V)
+    assert_spectrum_matches(z, lam, V, "float64")
+    C = p.size
+    zeros = int((p == 0).sum())
+    assert np.all(np.abs(lam[:, : max(zeros, 1)]) == 0)  # λ = 0 with multiplicity max(#zeros, 1)
+    for value in np.unique(p[p > 0]):
+        m = int((p == value).sum())
+        if m > 1:  # a tie of multiplicity m gives value with multiplicity >= m - 1
+            assert (np.abs(lam - value) <= eig_tol(C) * p.max()).sum(axis=-1).min() >= m - 1
+
+
+def test_uniform(xp):
+    """Uniform p = 1/C: eigenvalues 0 and 1/C (C - 1 times), eigenvector 1/√C for 0."""
+    for C in (2, 5, 16):
+        lam, V = simplex.eigh(to_xp(np.zeros((1, C)), xp))
+        lam, V = to_numpy(lam)[0], to_numpy(V)[0]
+        assert lam[0] == 0
+        assert np.abs(lam[1:] - 1 / C).max() <= eig_tol(C) / C
+        assert np.allclose(np.abs(V[:, 0]), 1 / np.sqrt(C), rtol=0, atol=eig_tol(C))
+        assert np.abs(V.T @ V - np.eye(C)).max() <= eig_tol(C)
+
+
+def test_c1_and_c2(xp):
+    """C = 1: the single eigenvalue 0. C = 2: λ₂ = 2 p₁ p₂ with eigenvector (1, -1)/√2."""
+    lam, V = simplex.eigh(to_xp(np.array([[0.7], [-3.0]]), xp))
+    assert np.all(to_numpy(lam) == 0) and np.all(np.abs(to_numpy(V)) == 1)
+    z = _z((6, 2)) * 3
+    p = ref_probs(z)
+    lam, V = simplex.eigh(to_xp(z, xp))
+    lam, V = to_numpy(lam), to_numpy(V)
+    assert np.all(lam[:, 0] == 0)
+    assert np.abs(lam[:, 1] - 2 * p[:, 0] * p[:, 1]).max() <= eig_tol(2) * p.max()
+    assert np.allclose(np.abs(V[:, :, 1]), np.sqrt(0.5), rtol=0, atol=eig_tol(2))
+    assert np.all(V[:, 0, 1] * V[:, 1, 1] < 0)
+
+
+def test_huge_logits(xp):
+    """Logits of ±1e4 (exp would overflow without the max shift)."""
+    z = np.array(
+        [
+            [1e4, -1e4, 1e4 - 1.0, 0.0, 1e4 - 2.5],
+            [-1e4, -1e4, -1e4 + 0.5, -1e4 + 3.0, -1e4],
+            [1e4, 1e4, 1e4, 1e4, -1e4],
+        ]
+    )
+    lam, V = simplex.eigh(to_xp(z, xp))
+    assert_spectrum_matches(z, to_numpy(lam), to_numpy(V), "float64")
+
+
+def test_near_ties_stay_orthonormal(xp):
+    """Probabilities a few ulp apart (chains of near ties) still give orthonormal eigenvectors.
+
+    A regression test: before ties were snapped to one value, near-tied groups gave Helmert
+    vectors that were not orthogonal to the neighbouring secular eigenvectors (VᵀV - I ≈ 0.1).
+    """
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(4, 12)) * 2
+    z = base.copy()
+    for r in range(4):
+        i, j, k = rng.choice(12, 3, replace=False)
+        z[r, j] = z[r, i] * (1 + 5 * eps("float64"))
+        z[r, k] = z[r, i] * (1 - 18 * eps("float64"))
+    lam, V = simplex.eigh(to_xp(z, xp))
+    assert_spectrum_matches(z, to_numpy(lam), to_numpy(V), "float64")
+
+
+def test_near_ties_float32_large_c(xp):
+    """Random float32 logits at C = 300 have probabilities within 8 ulp of each other often."""
+    if backend_of(xp) == "jax":
+        pytest.skip("a new shape costs JAX seconds of compilation; covered by numpy and torch")
+    z = np.random.default_rng(3).normal(size=(2, 300)).astype(np.float32)
+    lam, V = simplex.eigh(to_xp(z, xp, "float32"))
+    assert_spectrum_matches(z.astype(np.float64), to_numpy(lam), to_numpy(V), "float32")
+
+
+def test_steps_zero_stays_in_brackets(xp):
+    """With any number of steps the roots stay inside their interlacing intervals."""
+    z = _z((3, 9))
+    lo, hi = (to_numpy(b) for b in simplex.interlacing_bounds(to_xp(z, xp)))
+    for steps in (0, 1, 2):
+        lam = to_numpy(simplex.eigvalsh(to_xp(z, xp), steps=steps))
+        assert np.all(lo <= lam) and np.all(lam <= hi)
+
+
+# ----------------------------------------------------------------------------- top_eigpair
+
+
+@given(data=st.data())
+def test_top_eigpair_is_top_of_eigh(xp, data):
+    z = data.draw(logits(xp))
+    C = z.shape[-1]
+    zx = to_xp(z, xp)
+    lam, V = (to_numpy(a) for a in simplex.eigh(zx))
+    top, v = (to_numpy(a) for a in simplex.top_eigpair(zx))
+    assert top.shape == z.shape[:-1] and v.shape == z.shape
+    tol = eig_tol(C) * max_p(z)[..., 0]
+    assert np.all(np.abs(top - lam[..., -1]) <= tol)
+    # Same vector up to sign where λ_C is simple; else check it is a unit eigenvector.
+    F = ref_fim(z)
+    assert np.all(np.linalg.norm(F @ v[..., None] - top[..., None, None] * v[..., None], axis=(-2, -1)) <= tol)
+    assert np.all(np.abs(np.linalg.norm(v, axis=-1) - 1) <= eig_tol(C))
+    if C == 1:
+        return
+    k = data.draw(st.integers(2, C))  # k = 1 drops the k axis (checked above)
+    topk, Vk = (to_numpy(a) for a in simplex.top_eigpair(zx, k=k))
+    assert topk.shape == (*z.shape[:-1], k) and Vk.shape == (*z.shape, k)
+    assert np.all(np.abs(topk - lam[..., C - k :]) <= tol[..., None])
+    res = np.linalg.norm(F @ Vk - Vk * topk[..., None, :], axis=-2)
+    assert np.all(res <= tol[..., None])
+    assert np.abs(np.swapaxes(Vk, -1, -2) @ Vk - np.eye(k)).max() <= eig_tol(C)
+
+
+def test_top_eigpair_k1_equals_eigh_vector(xp):
+    z = _z((5, 8))
+    lam, V = (to_numpy(a) for a in simplex.eigh(to_xp(z, xp)))
+    top, v = (to_numpy(a) for a in simplex.top_eigpair(to_xp(z, xp)))
+    assert np.abs(top - lam[:, -1]).max() <= eig_tol(8) * ref_probs(z).max()
+    sign = np.sign(np.sum(v * V[..., -1], axis=-1, keepdims=True))
+    assert np.abs(v - sign * V[..., -1]).max() <= 16 * eig_tol(8)  # simple top eigenvalue
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+@given(data=st.data())
+def test_lambda_max_bounds(xp, data):
+    """max{p_(C-1), p_(C)(1 - p_(C)), 2x2 block} <= λ_C <= min{p_(C), 1 - ‖p‖², p_(C) + p_(C-1) - ‖p‖²}."""
+    z = data.draw(logits(xp))
+    C = z.shape[-1]
+    lo, hi = (to_numpy(b) for b in simplex.lambda_max_bounds(to_xp(z, xp)))
+    lam = np.linalg.eigvalsh(ref_fim(z))[..., -1]
+    tol = eig_tol(C) * max_p(z)[..., 0]
+    assert np.all(lo <= lam + tol), "lower bound above λ_C"
+    assert np.all(lam <= hi + tol), "upper bound below λ_C"
+    # Each bound is at least as good as the simple Theorem-1 pair.
+    p = np.sort(ref_probs(z), axis=-1)
+    a = p[..., -1]
+    assert np.all(lo >= a * (1 - a) - tol)
+    assert np.all(hi <= 1 - (p * p).sum(-1) + tol)
+    if C == 2:  # the 2x2 block is the whole matrix: exact
+        assert np.all(np.abs(lo - lam) <= tol)
+
+
+@given(data=st.data())
+def test_interlacing_bounds(xp, data):
+    z = data.draw(logits(xp))
+    C = z.shape[-1]
+    lo, hi = (to_numpy(b) for b in simplex.interlacing_bounds(to_xp(z, xp)))
+    w = np.linalg.eigvalsh(ref_fim(z))
+    d = np.sort(ref_probs(z), axis=-1)
+    tol = eig_tol(C) * max_p(z)
+    assert np.all(lo <= w + tol) and np.all(w <= hi + tol)
+    assert np.all(lo[..., 0] == 0) and np.all(hi[..., 0] == 0)
+    assert np.allclose(lo[..., 1:], d[..., :-1], rtol=product_tol(C), atol=0)
+    assert np.allclose(hi[..., 1:], d[..., 1:], rtol=product_tol(C), atol=0)
+
+
+@given(data=st.data())
+def test_trace_identity(xp, data):
+    """Σ λ_i = tr I_Δ = 1 - ‖p‖²."""
+    z = data.draw(logits(xp))
+    C = z.shape[-1]
+    zx = to_xp(z, xp)
+    total = to_numpy(xp.sum(simplex.eigvalsh(zx), axis=-1))
+    tr = to_numpy(simplex.trace(zx))
+    p = ref_probs(z)
+    assert np.all(np.abs(total - tr) <= C * eig_tol(C) * p.max(-1))
+    assert np.all(np.abs(tr - (1 - (p * p).sum(-1))) <= product_tol(C))
+
+
+# ----------------------------------------------------------------------------- precision, jit
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reduced_precision_torch(dtype):
+    """float16/bfloat16 in, same dtype out (computed in float32), loosely right."""
+    torch = pytest.importorskip("torch")
+    z = _z((3, 6)).astype(np.float32)
+    zt = torch.asarray(z).to(getattr(torch, dtype))
+    z64 = zt.double().numpy()  # the logits as the solver sees them
+    lam, V = simplex.eigh(zt)
+    assert lam.dtype == zt.dtype and V.dtype == zt.dtype
+    top, v = simplex.top_eigpair(zt)
+    assert top.dtype == zt.dtype and v.dtype == zt.dtype
+    assert simplex.eigvalsh(zt).dtype == zt.dtype
+    # Output rounding: half an ulp of the output dtype on each entry (<= max p, <= 1).
+    w, U = ref_eigh(z64)
+    pm = max_p(z64)
+    e = eps(dtype)
+    lam, V = to_numpy(lam, np.float64), to_numpy(V, np.float64)
+    assert np.all(np.abs(lam - w) <= 2 * e * pm)
+    res = np.linalg.norm(ref_fim(z64) @ V - V * lam[..., None, :], axis=-2)
+    assert np.all(res <= 4 * np.sqrt(6) * e * pm)
+    assert np.all(np.abs(to_numpy(top, np.float64) - w[..., -1]) <= 2 * e * pm[..., 0])
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["eigh", "eigvalsh", "top_eigpair", "top_eigpair_k3", "matvec", "factor_matvec", "lambda_max_bounds"],
+)
+def test_runs_under_jax_jit(name):
+    """The core decides with shapes only, so it traces: jit equals eager (value checks skipped)."""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    z = _z((2, 3, 5), "tied")
+    z[0, 0, 1] = -np.inf
+    zj = jnp.asarray(z)
+    v = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5)))
+    f, args, kw = {
+        "eigh": (simplex.eigh, (zj,), {}),
+        "eigvalsh": (simplex.eigvalsh, (zj,), {}),
+        "top_eigpair": (simplex.top_eigpair, (zj,), {}),
+        "top_eigpair_k3": (simplex.top_eigpair, (zj,), {"k": 3}),
+        "matvec": (simplex.matvec, (zj, v), {}),
+        "factor_matvec": (simplex.factor_matvec, (zj, v), {}),
+        "lambda_max_bounds": (simplex.lambda_max_bounds, (zj,), {}),
+    }[name]
+    eager = jax.tree_util.tree_leaves(f(*args, **kw))
+    traced = jax.tree_util.tree_leaves(jit(f, jnp, **kw)(*args))
+    for a, b in zip(eager, traced, strict=True):
+        assert np.allclose(np.asarray(a), np.asarray(b), rtol=0, atol=eig_tol(5))
+    assert array_namespace(traced[0]) is array_namespace(zj)
