@@ -2,16 +2,12 @@
 
 Every test that takes the ``xp`` fixture (see ``tests/conftest.py``) runs once per backend:
 
-============== ============================================================================
-numpy          NumPy through ``array_api_compat.numpy``
-numpy:readonly NumPy whose arrays all have ``writeable=False``: catches writes to inputs
-array_api_strict the reference implementation of the standard: catches anything non-standard
-torch          PyTorch on the CPU
-jax            JAX on the CPU, float64 enabled (``jax_enable_x64``)
-torch:cuda     PyTorch on a CUDA device (marked ``gpu``)
-jax:gpu        JAX on a GPU (marked ``gpu``)
-cupy           CuPy (marked ``gpu``)
-============== ============================================================================
+- ``numpy``: NumPy through ``array_api_compat.numpy``;
+- ``numpy:readonly``: NumPy whose arrays all have ``writeable=False`` (catches writes to inputs);
+- ``array_api_strict``: the standard's reference implementation (catches anything non-standard);
+- ``torch``: PyTorch on the CPU;
+- ``jax``: JAX on its default device, float64 enabled (``jax_enable_x64``, set in conftest);
+- ``torch:cuda``, ``jax:gpu``, ``cupy``: on a GPU, marked ``gpu``.
 
 A backend whose framework is not installed is skipped, and so is a GPU backend without a GPU.
 ``FISHERLIB_TEST_BACKENDS=numpy,torch pytest`` runs a subset (unknown names are an error).
@@ -31,6 +27,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "JAX_NEW_SHAPE",
     "Backend",
     "NumPyReadOnly",
     "available",
@@ -39,6 +36,7 @@ __all__ = [
     "jit",
     "namespace",
     "selected_backends",
+    "skip_backend",
     "to_numpy",
     "to_xp",
 ]
@@ -195,6 +193,8 @@ def namespace(backend: Backend):
     if backend is Backend.NUMPY_READONLY:
         return NumPyReadOnly()
     mod = importlib.import_module(backend.modname)
+    if backend.modname == "torch" and os.environ.get("OMP_NUM_THREADS") == "1":
+        mod.set_num_threads(1)  # tiny test arrays: worker threads only compete (see conftest)
     if backend in (Backend.JAX, Backend.JAX_GPU):
         import jax.numpy as jnp
 
@@ -224,7 +224,7 @@ def to_xp(a, xp, dtype: str | None = None):
     Without ``dtype``, floating input becomes float64 (so test data keep full precision).
     bfloat16, which NumPy lacks, goes through float32 in the target framework.
     """
-    a = np.asarray(a)
+    a = np.array(a, copy=True)  # never hand the caller's array to a namespace (read-only flags)
     if dtype is None and a.dtype.kind == "f":
         dtype = "float64"
     if dtype is None:
@@ -263,3 +263,17 @@ def jit(f, xp, **static):
     import jax
 
     return jax.jit(functools.partial(f, **static))
+
+
+def skip_backend(xp, name: str, reason: str) -> None:
+    """Skip the running test on backend ``name`` ('jax', 'torch', ...), stating why."""
+    import pytest
+
+    if backend_of(xp) == name:
+        pytest.skip(f"{name}: {reason}")
+
+
+JAX_NEW_SHAPE = (
+    "JAX compiles every op anew for each new shape (seconds for the solver); this case is "
+    "backend-independent shape logic, covered on the other backends"
+)

@@ -14,9 +14,24 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+# The suite's arrays are tiny: BLAS/OpenMP worker threads only spin and compete for the cores
+# (on 2 cores, test_spectrum.py took 89 s with them and 55 s without). Environment variables
+# come too late when a pytest plugin has already imported numpy, so the pools are also capped
+# at run time (threadpoolctl; torch in tests/_backends.py). An explicit setting wins.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+if os.environ.get("OMP_NUM_THREADS") == "1":
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # optional: only a speed-up
+        pass
 
 from tests._backends import Backend, available, gpu_available, namespace, selected_backends
 

@@ -88,7 +88,8 @@ class ExplicitBackend:
         own = getattr(model, "per_example_vjp", None)
         if callable(own):
             return own(params, inputs, cotangents)
-        rows = [flatten(model.vjp(params, inputs[i:i + 1, ...], cotangents[:, i:i + 1, ...]), is_leaf)[1] for i in range(n)]
+        rows = [flatten(model.vjp(params, inputs[i:i + 1, ...], cotangents[:, i:i + 1, ...]), is_leaf)[1]
+                for i in range(n)]
         _, first = flatten(params, is_leaf)
         xp = array_namespace(*first)
         stacked = [xp.stack([r[j] for r in rows], axis=1) for j in range(len(first))]

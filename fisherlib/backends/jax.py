@@ -23,7 +23,8 @@ __all__ = ["JaxBackend"]
 
 
 def _fwd(model, params, inputs):
-    return jax.vjp(lambda p: model(p, inputs), params)
+    out, pullback = jax.vjp(lambda p: model(p, inputs), params)
+    return jax.lax.stop_gradient(out), pullback  # detached, inside jit: no extra dispatch
 
 
 def _pull(pullback, ct):
@@ -67,6 +68,10 @@ class JaxBackend:
     chunk_size : int, optional
         Default number of inputs :meth:`per_example_vjp` processes at once (``jax.lax.map``
         with ``batch_size``); ``None`` vmaps over all of them.
+    batch_probes : bool
+        Pull a stack of K cotangents back with one ``vmap`` of the pullback (default). ``False``
+        applies the pullback K times and stacks the results: on a CPU, convolution-heavy models
+        can be faster that way (``docs/benchmarks.md``); the results are the same.
 
     Notes
     -----
@@ -79,9 +84,10 @@ class JaxBackend:
     name = "jax"
     _CACHE_SIZE = 32
 
-    def __init__(self, *, jit: bool = True, chunk_size: int | None = None):
+    def __init__(self, *, jit: bool = True, chunk_size: int | None = None, batch_probes: bool = True):
         self.jit = jit
         self.chunk_size = chunk_size
+        self.batch_probes = batch_probes
         self._cache: OrderedDict[tuple[int, int], tuple[Any, Callable, Callable]] = OrderedDict()
 
     def _compiled(self, model: Callable) -> tuple[Callable, Callable]:
@@ -121,9 +127,14 @@ class JaxBackend:
         pull, pull_k = (_pull_jit, _pull_k_jit) if self.jit else (_pull, _pull_k)
 
         def vjp(ct: jax.Array) -> Tree:
-            return pull_k(pullback, ct) if check_ct(ct, shape) else pull(pullback, ct)
+            if not check_ct(ct, shape):
+                return pull(pullback, ct)
+            if self.batch_probes:
+                return pull_k(pullback, ct)
+            rows = [pull(pullback, ct[k]) for k in range(ct.shape[0])]
+            return jax.tree_util.tree_map(lambda *r: jnp.stack(r), *rows)
 
-        return jax.lax.stop_gradient(out), vjp
+        return out, vjp
 
     def per_example_vjp(self, model: Callable, params: Tree, inputs: Any, cotangents: jax.Array, *,
                         chunk_size: int | None = None) -> Tree:

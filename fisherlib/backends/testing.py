@@ -187,7 +187,8 @@ def check_dtype_device(backend, case: Case) -> None:
         ct = case.from_numpy(np.ones((2, *case.to_numpy(z).shape), dtype=dtype))
         grads = backend.leaves(vjp(ct))
         for (name, g), p in zip(grads, cast):
-            assert case.to_numpy(g).dtype == dtype, f"gradient {name!r}: dtype {case.to_numpy(g).dtype}, expected {np.dtype(dtype)}"
+            got = case.to_numpy(g).dtype
+            assert got == dtype, f"gradient {name!r}: dtype {got}, expected {np.dtype(dtype)}"
             assert getattr(g, "device", None) == getattr(p, "device", None), (
                 f"gradient {name!r}: device {getattr(g, 'device', None)}, parameter on {getattr(p, 'device', None)}"
             )

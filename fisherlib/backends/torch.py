@@ -57,6 +57,10 @@ class TorchBackend:
     warn_batchnorm : bool
         Warn (:class:`~fisherlib.backends.BatchNormWarning`) when a module in training mode
         contains batch-norm layers.
+    batch_probes : bool
+        Pull a stack of K cotangents back in one batched call (default). ``False`` loops over
+        them instead: on a CPU, convolution- and attention-heavy models can be faster that way
+        (``docs/benchmarks.md``); the results are the same.
 
     Notes
     -----
@@ -73,9 +77,10 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, *, chunk_size: int | None = None, warn_batchnorm: bool = True):
+    def __init__(self, *, chunk_size: int | None = None, warn_batchnorm: bool = True, batch_probes: bool = True):
         self.chunk_size = chunk_size
         self.warn_batchnorm = warn_batchnorm
+        self.batch_probes = batch_probes
 
     # -- the model as a function of its parameter leaves -------------------------------------
 
@@ -138,15 +143,20 @@ class TorchBackend:
             raise TypeError(f"model: expected a tensor of logits, got {type(out).__name__}")
         shape = tuple(out.shape)
 
-        def vjp(ct: torch.Tensor) -> Tree:
-            batched = check_ct(ct, shape)
+        def pull(ct, batched):
             grads = torch.autograd.grad(
                 out, leaves, ct, retain_graph=True, allow_unused=True, is_grads_batched=batched
             )
             lead = (ct.shape[0],) if batched else ()
-            grads = [torch.zeros(lead + tuple(p.shape), dtype=p.dtype, device=p.device) if g is None else g
-                     for g, p in zip(grads, leaves)]
-            return rebuild(grads)
+            return [torch.zeros(lead + tuple(p.shape), dtype=p.dtype, device=p.device) if g is None else g
+                    for g, p in zip(grads, leaves)]
+
+        def vjp(ct: torch.Tensor) -> Tree:
+            batched = check_ct(ct, shape)
+            if batched and not self.batch_probes:
+                rows = [pull(c, False) for c in ct]
+                return rebuild([torch.stack(col) for col in zip(*rows)])
+            return rebuild(pull(ct, batched))
 
         return out.detach(), vjp
 

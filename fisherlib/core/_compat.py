@@ -5,12 +5,14 @@ Nothing here imports a framework: the namespace always comes from the arrays the
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from array_api_compat import (
     array_namespace,
     device,
     is_array_api_obj,
+    is_jax_array,
     is_lazy_array,
 )
 
@@ -88,7 +90,7 @@ def check_logits(z: Array, name: str = "z", *, softmax: bool = True):
     work = compute_dtype(xp, out_dtype)
     if work != out_dtype:
         z = xp.astype(z, work)
-    if not is_lazy_array(z):
+    if _is_eager(z):
         if bool(xp.any(xp.isnan(z))):
             raise ValueError(f"{name}: contains NaN")
         if bool(xp.any(z == xp.inf)):
@@ -96,6 +98,21 @@ def check_logits(z: Array, name: str = "z", *, softmax: bool = True):
         if softmax and bool(xp.any(xp.all(z == -xp.inf, axis=-1))):
             raise ValueError(f"{name}: a row has every logit equal to -inf, so no class has positive probability")
     return xp, z, out_dtype
+
+
+def _is_eager(x: Array) -> bool:
+    """Whether ``x``'s values can be read now: not lazy, or a concrete (untraced) JAX array.
+
+    array-api-compat calls every JAX array lazy; only a tracer (inside ``jax.jit``, ``grad``,
+    ``vmap``) really is, so concrete JAX arrays get the value checks like any eager array.
+    ``jax`` is looked up in ``sys.modules``, never imported: a JAX array means it is loaded.
+    """
+    if not is_lazy_array(x):
+        return True
+    if is_jax_array(x):
+        tracer = getattr(getattr(sys.modules.get("jax"), "core", None), "Tracer", None)
+        return tracer is not None and not isinstance(x, tracer)
+    return False
 
 
 def check_vector(v: Array, name: str, z: Array, zname: str = "z"):

@@ -51,7 +51,8 @@ def factor_matvec(z: Array, xi: Array) -> Array:
 
 def factor_rmatvec(z: Array, u: Array) -> Array:
     """Bᵀ u = √σ' ⊙ u (B is symmetric)."""
-    return factor_matvec(z, u)
+    xp, zw, dtype, uw = _with_vector(z, u, "u")  # not factor_matvec: errors must name ``u``
+    return restore(xp.exp(0.5 * _log_dsigmoid(zw, xp=xp)) * uw, dtype, xp=xp)
 
 
 def eigvalsh(z: Array) -> Array:

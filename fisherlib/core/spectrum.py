@@ -216,12 +216,12 @@ def _snap_ties(d, *, xp):
     start = ~((d[:, 1:] - d[:, :-1]) <= 8 * eps * d[:, 1:])
     start = xp.concat([xp.ones_like(start[:, :1]), start], axis=1)
     group = xp.cumulative_sum(xp.astype(start, xp.int32), axis=1)
+    j = xp.arange(C, device=device(d))
     s = 1
-    while s < C:
-        pad_g = xp.zeros_like(group[:, :s])  # group ids start at 1: never equal to the pad
-        ahead_g = xp.concat([group[:, s:], pad_g], axis=1)
-        ahead_d = xp.concat([d[:, s:], d[:, -s:]], axis=1)
-        d = xp.where(ahead_g == group, ahead_d, d)
+    while s < C:  # d[j] <- d[min(j + s, C - 1)] within a group; same shapes every pass
+        ahead = xp.broadcast_to(xp.clip(j + s, max=C - 1)[None, :], (n, C))
+        same = xp.take_along_axis(group, ahead, axis=1) == group
+        d = xp.where(same, xp.take_along_axis(d, ahead, axis=1), d)
         s *= 2
     return d
 

@@ -18,7 +18,8 @@ from fisherlib import backends
 from fisherlib.backends.testing import Case
 from fisherlib.models import MLP, Linear
 
-HAS = {m: importlib.util.find_spec(m) is not None for m in ("torch", "jax", "flax", "equinox", "cupy", "array_api_strict")}
+HAS = {m: importlib.util.find_spec(m) is not None
+       for m in ("torch", "jax", "flax", "equinox", "cupy", "array_api_strict")}
 BUILTIN = ("numpy", "torch", "jax", "cupy")
 N, D, H, C = 5, 4, 6, 3
 
@@ -42,10 +43,21 @@ def _gpu_cupy() -> bool:
         return False
 
 
+def _gpu_jax() -> bool:
+    if not HAS["jax"]:
+        return False
+    import jax
+
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:  # no GPU platform
+        return False
+
+
 def needs(*modules: str, gpu: str | None = None) -> list:
     marks = [pytest.mark.skipif(not HAS[m], reason=f"{m} is not installed") for m in modules]
     if gpu is not None:
-        ok = {"torch": _gpu_torch, "cupy": _gpu_cupy}[gpu]
+        ok = {"torch": _gpu_torch, "cupy": _gpu_cupy, "jax": _gpu_jax}[gpu]
         marks += [pytest.mark.gpu, pytest.mark.skipif(not ok(), reason=f"no GPU for {gpu}")]
     return marks
 
@@ -185,10 +197,14 @@ def _jax_case(kind: str):
     import jax
     import jax.numpy as jnp
 
-    x = jnp.asarray(inputs())
-    if kind == "dict":
+    def from_numpy(a):
+        a = jnp.asarray(a)
+        return jax.device_put(a, jax.devices("gpu")[0]) if kind == "gpu" else a
+
+    x = from_numpy(inputs())
+    if kind in ("dict", "gpu"):
         mlp = MLP([D, H, C], "tanh")
-        params = mlp.init(4, xp=jnp, dtype=jnp.float64)
+        params = {k: from_numpy(np.asarray(v)) for k, v in mlp.init(4).items()}
 
         def model(p, x):
             return jnp.tanh(x @ p["0.weight"].T + p["0.bias"]) @ p["1.weight"].T + p["1.bias"]
@@ -217,12 +233,13 @@ def _jax_case(kind: str):
         jac = jax.jacrev(lambda p: model(p, x))(params)
         return {n: np.asarray(j) for n, j in backends.get("jax").leaves(jac)}
 
-    return backends.get("jax"), Case(model, params, x, np.asarray, jnp.asarray, jacobian)
+    return backends.get("jax"), Case(model, params, x, np.asarray, from_numpy, jacobian)
 
 
 case("jax-dict", needs("jax"))(lambda: _jax_case("dict"))
 case("jax-flax", needs("jax", "flax"))(lambda: _jax_case("flax"))
 case("jax-equinox", needs("jax", "equinox"))(lambda: _jax_case("equinox"))
+case("jax-dict-gpu", needs("jax", gpu="jax"))(lambda: _jax_case("gpu"))
 
 
 def _dlpack_case(via: str):

@@ -8,7 +8,7 @@ import pytest
 
 from fisherlib.backends import Backend, testing
 
-from backend_cases import HAS, NumpyAsCupy, needs
+from backend_cases import NumpyAsCupy, needs
 
 CHECKS = [
     testing.check_vjp_dense,
@@ -48,10 +48,12 @@ def _like(kind: str, dtype: str):
         import torch
 
         return torch.zeros(3, dtype=getattr(torch, dtype), device="cuda"), lambda a: a.cpu().numpy()
-    if kind == "jax":
+    if kind in ("jax", "jax-gpu"):
+        import jax
         import jax.numpy as jnp
 
-        return jnp.zeros(3, dtype=dtype), np.asarray
+        like = jnp.zeros(3, dtype=dtype)
+        return (jax.device_put(like, jax.devices("gpu")[0]) if kind == "jax-gpu" else like), np.asarray
     import cupy
 
     return cupy.zeros(3, dtype=dtype), cupy.asnumpy
@@ -63,6 +65,7 @@ PROBE_BACKENDS = [
     pytest.param("torch", "torch", id="torch", marks=needs("torch")),
     pytest.param("torch", "torch-cuda", id="torch-cuda", marks=needs("torch", gpu="torch")),
     pytest.param("jax", "jax", id="jax", marks=needs("jax")),
+    pytest.param("jax", "jax-gpu", id="jax-gpu", marks=needs("jax", gpu="jax")),
     pytest.param("numpy-as-cupy", "numpy", id="cupy-on-numpy"),
     pytest.param("cupy", "cupy", id="cupy", marks=needs("cupy", gpu="cupy")),
 ]
@@ -129,8 +132,9 @@ def test_the_suite_covers_every_installed_backend():
 
     from backend_cases import CASES
 
-    covered = {name.split("-")[0] for name in CASES}
+    covered = {name.split("-")[0] for name in CASES} | {"numpy"}
     for name in backends.available():
-        if name == "cupy" and not HAS["cupy"]:
-            continue
-        assert name in covered or f"third" in covered, f"no conformance case for installed backend {name!r}"
+        if name in ("numpy", "torch", "jax", "cupy"):
+            assert name in covered, f"no conformance case for built-in backend {name!r}"
+        elif hasattr(backends.get(name), "conformance_case"):
+            assert f"third-party-{name}" in CASES, f"{name!r} opted in but is not in the suite"

@@ -71,7 +71,7 @@ def test_probes_need_an_array_of_the_library():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("via", [pytest.param("torch", marks=needs("cupy", "torch", gpu="torch")),
-                                 pytest.param("jax", marks=needs("cupy", "jax", gpu="cupy"))])
+                                 pytest.param("jax", marks=needs("cupy", "jax", gpu="jax"))])
 def test_real_cupy_through_dlpack(via):
     import cupy
 

@@ -152,3 +152,16 @@ def test_bad_cotangent_shape(jax):
         vjp(jnp.ones((5, 4)))
     with pytest.raises(TypeError, match="model: expected a function"):
         get("jax").linearize(3, params, x)
+
+
+def test_looping_over_probes_gives_the_batched_result(jax):
+    import jax.numpy as jnp
+
+    model, params, x = _setup(jnp, jnp.float64)
+    loop = get("jax", batch_probes=False)
+    testing.check_vjp_batched(loop, testing.Case(model.forward, params, x, np.asarray, jnp.asarray))
+    ct = jnp.asarray(np.random.default_rng(2).standard_normal((4, 5, 3)))
+    a = loop.linearize(model.forward, params, x)[1](ct)
+    b = get("jax").linearize(model.forward, params, x)[1](ct)
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-12, atol=1e-14)

@@ -243,7 +243,8 @@ def test_entry_points_are_read_through_importlib_metadata(monkeypatch, clean_reg
     ep = md.EntryPoint(name="plug", value="x:y", group="fisherlib.backends")
     monkeypatch.setattr(md.EntryPoint, "load", lambda self: Plugin)
     real = md.entry_points
-    monkeypatch.setattr(md, "entry_points", lambda **kw: [ep] if kw.get("group") == "fisherlib.backends" else real(**kw))
+    monkeypatch.setattr(md, "entry_points",
+                        lambda **kw: [ep] if kw.get("group") == "fisherlib.backends" else real(**kw))
     assert "plug" in backends.available()
     assert isinstance(backends.get("plug"), Plugin)
 

@@ -115,6 +115,7 @@ def _encoder(torch):
     return Encoder().double().eval()
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # SDPA has no batching rule on CPU
 @pytest.mark.parametrize("kind", ["conv", "attention"])
 def test_conv_and_attention_models_conform(torch, be, kind):
     """Any differentiable layer works: no layer whitelist."""
@@ -183,3 +184,15 @@ def test_leaves_and_unflatten_round_trip(torch, be):
     back = be.unflatten(tree, [2 * a for _, a in named])
     assert back["b"][1] == 7 and torch.equal(back["c"], tree["c"]) and torch.equal(back["a"][0], 2 * torch.ones(2))
     assert np.allclose(back["b"][0].numpy(), 2.0)
+
+
+def test_looping_over_probes_gives_the_batched_result(torch):
+    net = _conv_net(torch)
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    case = testing.Case(net, None, x, lambda a: a.detach().numpy(), torch.from_numpy)
+    testing.check_vjp_batched(get("torch", batch_probes=False), case)
+    z, vjp = get("torch", batch_probes=False).linearize(net, None, x)
+    _, ref = get("torch").linearize(net, None, x)
+    ct = torch.randn(4, *z.shape, dtype=torch.float64)
+    for k, g in vjp(ct).items():
+        torch.testing.assert_close(g, ref(ct)[k])
