@@ -14,6 +14,15 @@ Tree = Any
 DISTS = ("rademacher", "gaussian", "uniform")
 
 
+def draw(rng, shape, dist: str, dtype, int8):
+    """Draw ``dist`` from a NumPy-style Generator (numpy's or CuPy's, which share the API)."""
+    if dist == "rademacher":
+        return (rng.integers(0, 2, size=shape, dtype=int8) * 2 - 1).astype(dtype)
+    if dist == "gaussian":
+        return rng.standard_normal(size=shape, dtype=dtype)
+    return rng.random(size=shape, dtype=dtype)
+
+
 class BatchNormWarning(UserWarning):
     """A model in training mode normalises with batch statistics, which couple its inputs."""
 

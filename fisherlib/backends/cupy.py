@@ -18,6 +18,7 @@ import importlib
 import sys
 from typing import Any, Callable
 
+from . import _common
 from ._common import check_dist, check_per_example_ct, check_seed, check_shape, flatten, unflatten
 from ._explicit import ExplicitBackend
 
@@ -164,13 +165,7 @@ class CupyBackend(ExplicitBackend):
         draw = xp.float64 if like.dtype == xp.float64 else xp.float32
         device = getattr(like, "device", None)
         with device if isinstance(device, contextlib.AbstractContextManager) else contextlib.nullcontext():
-            rng = xp.random.default_rng(seed)
-            if dist == "rademacher":
-                out = (rng.integers(0, 2, size=shape, dtype=xp.int8) * 2 - 1).astype(draw)
-            elif dist == "gaussian":
-                out = rng.standard_normal(size=shape, dtype=draw)
-            else:
-                out = rng.random(size=shape, dtype=draw)
+            out = _common.draw(xp.random.default_rng(seed), shape, dist, draw, xp.int8)
             return out.astype(like.dtype, copy=False)
 
 

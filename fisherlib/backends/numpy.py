@@ -12,6 +12,7 @@ from typing import Any
 
 from array_api_compat import array_namespace, device, is_numpy_array
 
+from . import _common
 from ._common import check_dist, check_seed, check_shape
 from ._explicit import ExplicitBackend
 
@@ -52,13 +53,7 @@ class NumpyBackend(ExplicitBackend):
         if not xp.isdtype(like.dtype, "real floating"):
             raise TypeError(f"like: expected a real floating dtype, got {like.dtype}")
         draw = np.float64 if like.dtype == xp.float64 else np.float32
-        rng = np.random.default_rng(seed)
-        if dist == "rademacher":
-            out = (rng.integers(0, 2, size=shape, dtype=np.int8) * 2 - 1).astype(draw)
-        elif dist == "gaussian":
-            out = rng.standard_normal(size=shape, dtype=draw)
-        else:
-            out = rng.random(size=shape, dtype=draw)
+        out = _common.draw(np.random.default_rng(seed), shape, dist, draw, np.int8)
         if is_numpy_array(like):
             return out.astype(like.dtype, copy=False)
         return xp.astype(xp.asarray(out, device=device(like)), like.dtype)  # e.g. array_api_strict

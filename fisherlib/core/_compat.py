@@ -123,3 +123,15 @@ def check_vector(v: Array, name: str, z: Array, zname: str = "z"):
         shape = tuple(v.shape)
         raise ValueError(f"{name}: expected a trailing axis of size C={z.shape[-1]}, got shape {shape}")
     return v
+
+
+def check_logits_and_vector(z: Array, v: Array, name: str, *, softmax: bool = True):
+    """Validate logits and a vector argument; return (xp, z_work, result dtype, v_work).
+
+    The result dtype promotes both inputs; the work happens in its working precision.
+    """
+    xp, zw, zdtype = check_logits(z, softmax=softmax)
+    check_vector(v, name, z)
+    dtype = xp.result_type(zdtype, v.dtype)
+    work = compute_dtype(xp, dtype)
+    return xp, xp.astype(zw, work, copy=False), dtype, xp.astype(v, work, copy=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._compat import device
+
 Array = Any
 
 
@@ -21,7 +23,7 @@ def log_softmax(z: Array, *, xp) -> Array:
     """
     m = xp.max(z, axis=-1, keepdims=True)
     s = z - m
-    top = xp.arange(z.shape[-1], device=_device(z)) == xp.argmax(z, axis=-1, keepdims=True)
+    top = xp.arange(z.shape[-1], device=device(z)) == xp.argmax(z, axis=-1, keepdims=True)
     rest = xp.sum(xp.where(top, xp.zeros_like(s), xp.exp(s)), axis=-1, keepdims=True)
     return s - xp.log1p(rest)
 
@@ -44,11 +46,5 @@ def outer(u: Array, v: Array) -> Array:
 def with_diagonal(off: Array, diag: Array, *, xp) -> Array:
     """Matrix equal to ``off`` off the diagonal and to ``diag`` (..., n) on it."""
     n = diag.shape[-1]
-    eye = xp.eye(n, dtype=xp.bool, device=_device(diag))
+    eye = xp.eye(n, dtype=xp.bool, device=device(diag))
     return xp.where(eye, diag[..., None, :], off)
-
-
-def _device(x: Array):
-    from ._compat import device
-
-    return device(x)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import hypercube, simplex
-from ._compat import check_logits, namespace_of
+from ._compat import check_logits, device, namespace_of
 from ._lib import log_sigmoid, log_softmax
 
 Array = Any
@@ -88,7 +88,7 @@ def exact_columns(z: Array, likelihood: str = "softmax", bound: str | None = Non
 
 def _diag_columns(s, *, xp):
     C = s.shape[-1]
-    eye = xp.eye(C, dtype=s.dtype, device=_device(s))
+    eye = xp.eye(C, dtype=s.dtype, device=device(s))
     return eye[:, None, :] * s[None, ...]
 
 
@@ -111,11 +111,5 @@ def label_residual(z: Array, y: Array, likelihood: str = "softmax") -> Array:
     if _likelihood(likelihood) is hypercube:
         return xp.astype(y, zw.dtype) - xp.exp(log_sigmoid(zw, xp=xp))
     C = zw.shape[-1]
-    onehot = xp.astype(y[..., None] == xp.arange(C, device=_device(zw)), zw.dtype)
+    onehot = xp.astype(y[..., None] == xp.arange(C, device=device(zw)), zw.dtype)
     return onehot - xp.exp(log_softmax(zw, xp=xp))
-
-
-def _device(x):
-    from ._compat import device
-
-    return device(x)

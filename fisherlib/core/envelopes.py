@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._compat import check_logits, check_vector
+from ._compat import array_namespace, check_logits, check_vector, device
 from ._lib import log_softmax, matmul_vec, restore
 from .spectrum import _spectrum
 
@@ -40,11 +40,11 @@ class DiagonalEnvelope:
         return self.diagonal * v
 
     def trace(self) -> Array:
-        return _ns(self.diagonal).sum(self.diagonal, axis=-1)
+        return array_namespace(self.diagonal).sum(self.diagonal, axis=-1)
 
     def to_dense(self) -> Array:
-        xp = _ns(self.diagonal)
-        eye = xp.eye(self.diagonal.shape[-1], dtype=self.diagonal.dtype, device=_dev(self.diagonal))
+        xp = array_namespace(self.diagonal)
+        eye = xp.eye(self.diagonal.shape[-1], dtype=self.diagonal.dtype, device=device(self.diagonal))
         return eye * self.diagonal[..., None, :]
 
 
@@ -62,8 +62,8 @@ class ScalarEnvelope:
         return self.scale * self.size
 
     def to_dense(self) -> Array:
-        xp = _ns(self.scale)
-        eye = xp.eye(self.size, dtype=self.scale.dtype, device=_dev(self.scale))
+        xp = array_namespace(self.scale)
+        eye = xp.eye(self.size, dtype=self.scale.dtype, device=device(self.scale))
         return self.scale[..., None, None] * eye
 
 
@@ -75,16 +75,16 @@ class LowRankEnvelope:
     eigenvectors: Array
 
     def matvec(self, v: Array) -> Array:
-        xp = _ns(self.eigenvalues)
+        xp = array_namespace(self.eigenvalues)
         V = self.eigenvectors
         coef = matmul_vec(xp.matrix_transpose(V), v, xp=xp)
         return matmul_vec(V, self.eigenvalues * coef, xp=xp)
 
     def trace(self) -> Array:
-        return _ns(self.eigenvalues).sum(self.eigenvalues, axis=-1)
+        return array_namespace(self.eigenvalues).sum(self.eigenvalues, axis=-1)
 
     def to_dense(self) -> Array:
-        xp = _ns(self.eigenvalues)
+        xp = array_namespace(self.eigenvalues)
         V = self.eigenvectors
         return xp.matmul(V * self.eigenvalues[..., None, :], xp.matrix_transpose(V))
 
@@ -143,18 +143,6 @@ def trimmed_norm(z: Array) -> Array:
     p = xp.exp(log_softmax(zw, xp=xp))
     C = p.shape[-1]
     top = xp.argmax(p, axis=-1, keepdims=True)
-    idx = xp.arange(C, device=_dev(p))
+    idx = xp.arange(C, device=device(p))
     rest = xp.where(idx == top, xp.zeros_like(p), p)
     return restore(xp.sqrt(xp.sum(rest * rest, axis=-1)), dtype, xp=xp)
-
-
-def _ns(x):
-    from ._compat import array_namespace
-
-    return array_namespace(x)
-
-
-def _dev(x):
-    from ._compat import device
-
-    return device(x)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._compat import check_logits, check_vector, compute_dtype
+from ._compat import check_logits, check_logits_and_vector
 from ._lib import log_sigmoid, restore
 
 Array = Any
@@ -39,19 +39,19 @@ def fim(z: Array) -> Array:
 
 def matvec(z: Array, v: Array) -> Array:
     """I_C v = σ' ⊙ v."""
-    xp, zw, dtype, vw = _with_vector(z, v, "v")
+    xp, zw, dtype, vw = check_logits_and_vector(z, v, "v", softmax=False)
     return restore(xp.exp(_log_dsigmoid(zw, xp=xp)) * vw, dtype, xp=xp)
 
 
 def factor_matvec(z: Array, xi: Array) -> Array:
     """B ξ = √σ' ⊙ ξ, so E[(Bξ)(Bξ)ᵀ] = I_C for unit-variance probes (theory.md §5.3)."""
-    xp, zw, dtype, xw = _with_vector(z, xi, "xi")
+    xp, zw, dtype, xw = check_logits_and_vector(z, xi, "xi", softmax=False)
     return restore(xp.exp(0.5 * _log_dsigmoid(zw, xp=xp)) * xw, dtype, xp=xp)
 
 
 def factor_rmatvec(z: Array, u: Array) -> Array:
     """Bᵀ u = √σ' ⊙ u (B is symmetric)."""
-    xp, zw, dtype, uw = _with_vector(z, u, "u")  # not factor_matvec: errors must name ``u``
+    xp, zw, dtype, uw = check_logits_and_vector(z, u, "u", softmax=False)  # not factor_matvec: errors must name ``u``
     return restore(xp.exp(0.5 * _log_dsigmoid(zw, xp=xp)) * uw, dtype, xp=xp)
 
 
@@ -65,11 +65,3 @@ def trace(z: Array) -> Array:
     """tr I_C = Σ σ'(z), shape (...)."""
     xp, zw, dtype = check_logits(z, softmax=False)
     return restore(xp.sum(xp.exp(_log_dsigmoid(zw, xp=xp)), axis=-1), dtype, xp=xp)
-
-
-def _with_vector(z, v, name):
-    xp, zw, zdtype = check_logits(z, softmax=False)
-    check_vector(v, name, z)
-    dtype = xp.result_type(zdtype, v.dtype)
-    work = compute_dtype(xp, dtype)
-    return xp, xp.astype(zw, work, copy=False), dtype, xp.astype(v, work, copy=False)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._compat import check_logits, check_vector, compute_dtype
+from ._compat import check_logits, check_logits_and_vector
 from ._lib import log_softmax, outer, restore, with_diagonal
 from .envelopes import lower_envelope, trimmed_norm, upper_envelope
 from .spectrum import eigh, eigvalsh, interlacing_bounds, lambda_max_bounds, top_eigpair
@@ -124,7 +124,7 @@ def matvec(z: Array, v: Array) -> Array:
     -------
     array, the broadcast shape of ``z`` and ``v``
     """
-    xp, zw, dtype, vw = _with_vector(z, v, "v")
+    xp, zw, dtype, vw = check_logits_and_vector(z, v, "v")
     p = xp.exp(log_softmax(zw, xp=xp))
     pv = p * vw
     return restore(pv - p * xp.sum(pv, axis=-1, keepdims=True), dtype, xp=xp)
@@ -142,7 +142,7 @@ def factor_matvec(z: Array, xi: Array) -> Array:
     xi : array (..., C)
         Probes; leading axes broadcast against those of ``z``.
     """
-    xp, zw, dtype, xw = _with_vector(z, xi, "xi")
+    xp, zw, dtype, xw = check_logits_and_vector(z, xi, "xi")
     logp = log_softmax(zw, xp=xp)
     sp = xp.exp(0.5 * logp)
     return restore(sp * xw - xp.exp(logp) * xp.sum(sp * xw, axis=-1, keepdims=True), dtype, xp=xp)
@@ -158,7 +158,7 @@ def factor_rmatvec(z: Array, u: Array) -> Array:
     u : array (..., C)
         Vectors; leading axes broadcast against those of ``z``.
     """
-    xp, zw, dtype, uw = _with_vector(z, u, "u")
+    xp, zw, dtype, uw = check_logits_and_vector(z, u, "u")
     logp = log_softmax(zw, xp=xp)
     sp = xp.exp(0.5 * logp)
     return restore(sp * (uw - xp.sum(xp.exp(logp) * uw, axis=-1, keepdims=True)), dtype, xp=xp)
@@ -169,11 +169,3 @@ def trace(z: Array) -> Array:
     xp, zw, dtype = check_logits(z)
     logp = log_softmax(zw, xp=xp)
     return restore(xp.sum(xp.exp(logp) * -xp.expm1(logp), axis=-1), dtype, xp=xp)
-
-
-def _with_vector(z, v, name):
-    xp, zw, zdtype = check_logits(z)
-    check_vector(v, name, z)
-    dtype = xp.result_type(zdtype, v.dtype)
-    work = compute_dtype(xp, dtype)
-    return xp, xp.astype(zw, work, copy=False), dtype, xp.astype(v, work, copy=False)

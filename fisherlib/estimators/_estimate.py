@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..core._compat import array_namespace
+from ..core._compat import array_namespace, device
 from ._sketch import Sketch
 
 Array = Any
@@ -84,7 +84,7 @@ class FisherEstimate:
         if self.stderr_kind == "bound":
             return math.sqrt(2.0) * xp.abs(xp.mean(x, axis=0)) * self._scale()
         fill = 0.0 if self.stderr_kind == "exact" else math.nan
-        return xp.full(x.shape[1:], fill, dtype=x.dtype, device=_device(x))
+        return xp.full(x.shape[1:], fill, dtype=x.dtype, device=device(x))
 
     def _present(self, arrays):
         if self.structure == "sketch":
@@ -141,11 +141,6 @@ class FisherEstimate:
         return cls(names=names, parts=parts, **meta)
 
 
-def _device(x):
-    from ..core._compat import device
-
-    return device(x)
-
 
 def _to_numpy(x):
     if type(x).__module__.startswith("numpy"):
@@ -162,4 +157,4 @@ def _like(x, ref):
     if type(x) is type(ref):
         return x
     xp = array_namespace(ref)
-    return xp.asarray(_to_numpy(x), device=_device(ref))
+    return xp.asarray(_to_numpy(x), device=device(ref))
