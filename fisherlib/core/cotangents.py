@@ -101,7 +101,9 @@ def sample_labels(z: Array, u: Array, likelihood: str = "softmax") -> Array:
     if _likelihood(likelihood) is hypercube:
         return xp.astype(u < xp.exp(log_sigmoid(zw, xp=xp)), zw.dtype)
     cdf = xp.cumulative_sum(xp.exp(log_softmax(zw, xp=xp)), axis=-1)
-    idx = xp.sum(xp.astype(cdf[None, ...] <= u[..., None], xp.int64), axis=-1)
+    # The namespace's default integer: JAX without x64 has no int64.
+    integral = xp.__array_namespace_info__().default_dtypes(device=device(zw))["integral"]
+    idx = xp.sum(xp.astype(cdf[None, ...] <= u[..., None], integral), axis=-1)
     return xp.clip(idx, max=zw.shape[-1] - 1)
 
 

@@ -95,6 +95,21 @@ class FisherEstimate:
             return self._tree(arrays)
         return dict(zip(self.names, arrays))
 
+    def first_probes(self, k: int) -> FisherEstimate:
+        """The estimate that the first ``k`` of the K probes alone would have given.
+
+        Probes are independent and identically distributed, so this is an estimate with the
+        distribution of ``fisher(..., probes=k)``, for free (the draws themselves may differ,
+        since frameworks' generators depend on the requested shape). Use it to see how the
+        error falls with K.
+        """
+        if self.stderr_kind == "exact":
+            raise ValueError(f"k: a {self.method!r} estimate has no probes to take")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_probes:
+            raise ValueError(f"k: expected an integer in 1..{self.n_probes}, got {k!r}")
+        return replace(self, parts=[x[:k, ...] for x in self.parts], n_probes=k,
+                       stderr_kind=stderr_kind(self.method, k))
+
     # ------------------------------------------------------------------ merging
     def merge(self, other: FisherEstimate) -> FisherEstimate:
         """The estimate over the union of both estimates' (disjoint) inputs."""
@@ -140,6 +155,15 @@ class FisherEstimate:
         names = meta.pop("names")
         return cls(names=names, parts=parts, **meta)
 
+
+
+def stderr_kind(method: str, probes: int) -> str:
+    """What the standard error of ``method`` with ``probes`` probes rests on (see the class)."""
+    if method in ("exact", "empirical"):
+        return "exact"
+    if probes >= 2:
+        return "probes"
+    return "bound" if method == "hutchinson" else "unavailable"
 
 
 def _to_numpy(x):

@@ -12,7 +12,7 @@ from .. import backends as _backends
 from ..core import cotangents
 from ..core._compat import array_namespace, is_lazy_array
 from . import _blocks
-from ._estimate import FisherEstimate
+from ._estimate import FisherEstimate, stderr_kind
 
 Array = Any
 
@@ -168,12 +168,7 @@ def fisher(
         ["trace"] if structure == "trace" else [blk.name for blk in plan])
     deterministic = method in ("exact", "empirical")
     K = 0 if deterministic else probes
-    if deterministic:
-        kind = "exact"
-    elif probes >= 2:
-        kind = "probes"
-    else:
-        kind = "bound" if method == "hutchinson" else "unavailable"
+    kind = stderr_kind(method, probes)
     tree = (lambda arrays: be.unflatten(template, arrays)) if structure == "diag" else None
     return FisherEstimate(
         names=out_names, parts=parts, method=method, structure=structure, likelihood=likelihood,

@@ -168,6 +168,25 @@ def test_single_probe_reports_the_analytic_bound(setup):
     assert fisherlib.fisher(model, params, x, method="exact").stderr_kind == "exact"
 
 
+def test_first_probes_is_the_estimate_of_fewer_probes(setup):
+    model, params, x, z, J = setup
+    est = fisherlib.fisher(model, params, x, probes=6, seed=2)
+    parts = [np.asarray(p) for p in est.to_numpy().parts]
+    three = est.first_probes(3)
+    assert three.n_probes == 3 and three.stderr_kind == "probes"
+    np.testing.assert_allclose(diag_of(three), np.concatenate([p[:3].mean(0).ravel() for p in parts]))
+    se = np.concatenate([p[:3].std(0, ddof=1).ravel() / math.sqrt(3) for p in parts])
+    np.testing.assert_allclose(np.concatenate([np.ravel(v) for v in three.to_numpy().stderr.values()]), se)
+    assert est.first_probes(1).stderr_kind == "bound"
+    mc = fisherlib.fisher(model, params, x, method="mc", probes=2, seed=2)
+    assert mc.first_probes(1).stderr_kind == "unavailable"
+    for k in (0, 7, 2.0, True):
+        with pytest.raises(ValueError, match="k:"):
+            est.first_probes(k)
+    with pytest.raises(ValueError, match="no probes"):
+        fisherlib.fisher(model, params, x, method="exact").first_probes(1)
+
+
 def test_sketch_expectation_and_products(setup):
     model, params, x, z, J = setup
     F = dense_fisher(J, z)
