@@ -5,9 +5,10 @@ The core-space geometry lives in :mod:`fisherlib.simplex` (softmax) and
 framework: torch, jax and cupy are loaded only when you pass their arrays.
 """
 
-from . import hypercube, simplex
+from . import backends, hypercube, models, simplex
 from .estimators import FisherEstimate, Sketch, fisher
 
 __version__ = "0.1.0"
 
-__all__ = ["FisherEstimate", "Sketch", "__version__", "fisher", "hypercube", "simplex"]
+__all__ = ["FisherEstimate", "Sketch", "__version__", "backends", "fisher", "hypercube", "models",
+           "simplex"]
