@@ -80,11 +80,6 @@ def test_report_numbers(reports, backend):
         # The error falls with the number of probes.
         errors = [e for _, e in m["curve"]]
         assert errors[-1] < 0.6 * errors[0], (key, errors)
-    est, se = _layer(arrays, "hutchinson", layers), _layer(arrays, "hutchinson/stderr", layers)
-    z = np.concatenate([((est[x] - exact[x]) / np.where(se[x] > 0, se[x], np.inf)).ravel()
-                        for x in layers])
-    assert abs(np.median(z)) < 0.25  # unbiased: errors centred on zero
-
     # The exact estimators are exact; the empirical Fisher is not F.
     for key in ("exact", "upper_exact", "lower_exact"):
         assert s["methods"][key]["median_rel_error"] == 0.0
