@@ -4,14 +4,14 @@ An adapter (:class:`Backend`) runs the user's model to logits and pulls cotangen
 parameter space with one vector-Jacobian product; it also draws seeded probes and names the
 leaves of parameter trees. It does no mathematics. Built in:
 
-========  ==========================================  ================================
-name      models                                      install
-========  ==========================================  ================================
-numpy     explicit-VJP models (:mod:`fisherlib.models`) always
-torch     ``nn.Module``, dict + module, ``f(params, x)``   ``pip install 'fisherlib[torch]'``
+========  ==============================================  ==================================
+name      models                                          install
+========  ==============================================  ==================================
+numpy     explicit-VJP models (:mod:`fisherlib.models`)   always
+torch     ``nn.Module``, dict + module, ``f(params, x)``  ``pip install 'fisherlib[torch]'``
 jax       pure ``f(params, x)`` over any pytree           ``pip install 'fisherlib[jax]'``
-cupy      explicit-VJP models; torch/JAX via DLPack    ``pip install 'fisherlib[cupy]'``
-========  ==========================================  ================================
+cupy      explicit-VJP models; torch/JAX via DLPack       ``pip install 'fisherlib[cupy]'``
+========  ==============================================  ==================================
 
 >>> from fisherlib import backends
 >>> be = backends.get("numpy")                 # by name
