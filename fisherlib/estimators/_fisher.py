@@ -332,13 +332,18 @@ def _labels(labels, z, likelihood, b):
 def _per_example(be, model, params, inputs, ct, opts, structure, plan, n, P):
     K = ct.shape[0]
     chunk = opts["chunk_size"] or max(1, _PER_EXAMPLE_ELEMENTS // max(1, K * P))
+    summed = opts["method"] in ("exact", "empirical")
+    # Summed columns (exact: K = C of them) are also split along K when even one input's K
+    # gradients exceed the budget (at C = 1000 and P = 5e5 one input held 2 GB at once).
+    kchunk = K if not summed or opts["chunk_size"] else max(1, min(K, _PER_EXAMPLE_ELEMENTS // max(1, P)))
     total = None
     for i in range(0, n, chunk):
         j = min(i + chunk, n)
-        tree = be.per_example_vjp(model, params, inputs[i:j], ct[:, i:j, :])
-        grads = [g for _, g in be.leaves(tree)]
-        c = _accumulate(grads, structure, plan, sum_probes=opts["method"] in ("exact", "empirical"))
-        total = c if total is None else [a + x for a, x in zip(total, c)]
+        for k in range(0, K, kchunk):
+            tree = be.per_example_vjp(model, params, inputs[i:j], ct[k:k + kchunk, i:j, :])
+            grads = [g for _, g in be.leaves(tree)]
+            c = _accumulate(grads, structure, plan, sum_probes=summed)
+            total = c if total is None else [a + x for a, x in zip(total, c)]
     return total
 
 
