@@ -169,6 +169,9 @@ class TorchBackend:
         many inputs are processed at once.
         """
         call, leaves, rebuild = self._split(model, params, own=False)
+        # Parameters that require grad (a dict of a module's own parameters) would otherwise
+        # record every chunk's products in an autograd graph kept alive by the result.
+        leaves = [t.detach() for t in leaves]
         x0 = torch.utils._pytree.tree_leaves(inputs)[0]
         check_per_example_ct(cotangents, x0.shape[0])
 

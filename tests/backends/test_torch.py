@@ -138,6 +138,23 @@ def test_per_example_chunks_agree(torch, be):
             torch.testing.assert_close(chunks[k], whole[k])
 
 
+def test_per_example_with_grad_requiring_dict_records_no_graph(torch, be):
+    """A dict of the module's own parameters must not build a graph across chunks."""
+    import fisherlib
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x = torch.randn(6, 3)
+    params = dict(net.named_parameters())
+    ct = torch.randn(2, 6, 2)
+    for leaf in be.per_example_vjp(net, params, x, ct).values():
+        assert not leaf.requires_grad and leaf.grad_fn is None
+    est = fisherlib.fisher(net, params, x, method="exact")
+    assert all(v.grad_fn is None for v in est.value.values())
+    ref = fisherlib.fisher(net, None, x, method="exact")
+    for k in ref.value:
+        torch.testing.assert_close(est.value[k], ref.value[k])
+
+
 def test_explicit_dict_with_nested_keys(torch, be):
     net = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
     nested = {"0": {"weight": net[0].weight.detach(), "bias": net[0].bias.detach()}}
