@@ -24,7 +24,13 @@ leading axis of size K, and all K products are computed in one framework call wh
 
 @runtime_checkable
 class Backend(Protocol):
-    """What an adapter provides. ``name`` is how users and the registry refer to it."""
+    """What an adapter provides. ``name`` is how users and the registry refer to it.
+
+    An adapter whose models may own their parameters (called with ``params=None``, as a torch
+    ``nn.Module``) can also define ``parameters(model, params) -> tree``: ``params``, or the
+    model's own parameters. It is optional (not part of the ``isinstance`` check): without it,
+    fisherlib learns the tree from one extra pull-back of zeros.
+    """
 
     name: str
 

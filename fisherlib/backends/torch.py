@@ -125,6 +125,13 @@ class TorchBackend:
 
     # -- the protocol ---------------------------------------------------------------------------
 
+    def parameters(self, model: Any, params: Tree) -> Tree:
+        """``params``, or (``params=None``) a module's parameters that require grad, detached."""
+        if params is not None:
+            return params
+        _, leaves, rebuild = self._split(model, None, own=False)
+        return rebuild(leaves)
+
     def linearize(self, model: Any, params: Tree, inputs: Any) -> tuple[torch.Tensor, Callable]:
         """Run the model once with autograd on: (detached logits, ``vjp``).
 

@@ -144,12 +144,10 @@ def fisher(
         logits, vjp = be.linearize(model, params, inputs)
         z, C = _check_logits(logits, b, likelihood)
         if parts is None:
-            # The parameter tree: ``params``, or (params=None: a module's own parameters) the
-            # shape of one pull-back, taken once.
-            template = params if params is not None else vjp(_reshape_like(z[None, ...] * 0, logits))
+            template = _parameter_tree(be, model, params, z, logits, vjp)
             names = [n for n, _ in be.leaves(template)]
-            sizes = [math.prod(x.shape[1 if params is None else 0:]) for _, x in be.leaves(template)]
-            shapes = [tuple(x.shape[1 if params is None else 0:]) for _, x in be.leaves(template)]
+            shapes = [tuple(x.shape) for _, x in be.leaves(template)]
+            sizes = [math.prod(shape) for shape in shapes]
             plan = _blocks.plan(names, shapes, blocks) if structure == "blocks" else None
         n = z.shape[0]
         ct = _cotangent(be, z, labels, b, opts)  # (K, n, C)
@@ -188,6 +186,21 @@ def _resolve_backend(backend, params):
     if isinstance(backend, str):
         return _backends.get(backend)
     return backend
+
+
+def _parameter_tree(be, model, params, z, logits, vjp):
+    """The tree gradients are shaped like: ``params``, or a model's own (``params=None``).
+
+    Adapters may say what a model owns (``be.parameters``); otherwise one pull-back of zeros
+    shows it, at the cost of one more VJP.
+    """
+    if params is not None:
+        return params
+    own = getattr(be, "parameters", None)
+    if own is not None:
+        return own(model, None)
+    g = vjp(_reshape_like(z[None, ...] * 0, logits))
+    return be.unflatten(g, [x[0, ...] for _, x in be.leaves(g)])
 
 
 def _validate(structure, method, likelihood, bound, rank, probes, dist, per_example, reduction, blocks,

@@ -213,3 +213,42 @@ def test_looping_over_probes_gives_the_batched_result(torch):
     ct = torch.randn(4, *z.shape, dtype=torch.float64)
     for k, g in vjp(ct).items():
         torch.testing.assert_close(g, ref(ct)[k])
+
+
+class _Counting:
+    """The torch adapter, counting VJP calls, optionally without its ``parameters`` method."""
+
+    def __init__(self, be, with_parameters: bool):
+        self.be, self.name, self.vjps = be, be.name, 0
+        if with_parameters:
+            self.parameters = be.parameters
+
+    def linearize(self, model, params, inputs):
+        z, vjp = self.be.linearize(model, params, inputs)
+
+        def counted(ct):
+            self.vjps += 1
+            return vjp(ct)
+
+        return z, counted
+
+    def __getattr__(self, attr):  # per_example_vjp, probes, leaves, unflatten
+        if attr == "parameters":
+            raise AttributeError(attr)
+        return getattr(self.be, attr)
+
+
+def test_module_parameters_cost_no_extra_vjp(torch, be):
+    import fisherlib
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x = torch.randn(6, 3, dtype=torch.float32)
+    results = {}
+    for with_parameters in (True, False):
+        counting = _Counting(be, with_parameters)
+        est = fisherlib.fisher(net, None, [x[:3], x[3:]], probes=2, seed=1, backend=counting)
+        results[with_parameters] = (counting.vjps, est.value)
+    assert results[True][0] == 2 and results[False][0] == 3  # one per batch, + 1 to learn the tree
+    for k, v in results[True][1].items():
+        torch.testing.assert_close(v, results[False][1][k])
+        assert v.shape == dict(net.named_parameters())[k].shape
