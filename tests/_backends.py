@@ -32,6 +32,7 @@ __all__ = [
     "NumPyReadOnly",
     "available",
     "backend_of",
+    "capability_marks",
     "gpu_available",
     "jit",
     "namespace",
@@ -120,8 +121,52 @@ def available(backend: Backend) -> tuple[bool, str]:
     if not _importable(backend.modname):
         return False, f"{backend.modname} is not installed"
     if backend.gpu and not gpu_available(backend):
-        return False, f"{backend}: no GPU available"
+        from fisherlib._capabilities import support
+
+        note = support(backend.modname, "gpu").note
+        return False, f"{backend}: no GPU available (GPU: {note})"
     return True, ""
+
+
+_GPU_VARIANT = {"torch": Backend.TORCH_CUDA, "jax": Backend.JAX_GPU, "cupy": Backend.CUPY}
+
+
+def _requirement_met(requirement: str, backend: str) -> bool:
+    if requirement == "gpu":
+        return backend in _GPU_VARIANT and gpu_available(_GPU_VARIANT[backend])
+    if requirement == "x64":
+        import jax
+
+        return bool(jax.config.read("jax_enable_x64"))
+    raise ValueError(f"requirement: unknown {requirement!r}")
+
+
+def capability_marks(backend: Backend | str, feature: str) -> list:
+    """pytest marks for ``feature`` on ``backend``, from ``fisherlib/_capabilities.py``.
+
+    Unsupported: skip, with the recorded reason. Supported under a condition the suite can
+    check (a GPU, ``jax_enable_x64``): ``skipif`` it does not hold, plus the ``gpu`` mark for a
+    GPU. Otherwise no marks. ``backend`` is a name or a test-matrix :class:`Backend`
+    ("torch:cuda" means torch). Checking a condition imports that framework, so call this only
+    for a framework that is installed (or guard it with ``needs``/``available``).
+    """
+    import pytest
+
+    from fisherlib import _capabilities as caps
+
+    name = backend.modname if isinstance(backend, Backend) else str(backend).split(":")[0]
+    entry = caps.support(name, feature)
+    title = caps.feature_info(feature).short
+    if entry.status is caps.Status.NO:
+        return [pytest.mark.skip(reason=f"{name} does not support {title}: {entry.note}")]
+    marks = []
+    for req in caps.requirements(name, feature):
+        note = entry.note if req == entry.requires else caps.backend_info(name).note
+        if req == "gpu":
+            marks.append(pytest.mark.gpu)
+        reason = f"{name}, {title}: not available here ({note})"
+        marks.append(pytest.mark.skipif(not _requirement_met(req, name), reason=reason))
+    return marks
 
 
 class NumPyReadOnly:

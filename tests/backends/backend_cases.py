@@ -17,6 +17,7 @@ import pytest
 from fisherlib import backends
 from fisherlib.backends.testing import Case
 from fisherlib.models import MLP, Linear
+from tests._backends import capability_marks
 
 HAS = {m: importlib.util.find_spec(m) is not None
        for m in ("torch", "jax", "flax", "equinox", "cupy", "array_api_strict")}
@@ -24,41 +25,15 @@ BUILTIN = ("numpy", "torch", "jax", "cupy")
 N, D, H, C = 5, 4, 6, 3
 
 
-def _gpu_torch() -> bool:
-    if not HAS["torch"]:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _gpu_cupy() -> bool:
-    if not HAS["cupy"]:
-        return False
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # a CuPy without a driver raises on the first call
-        return False
-
-
-def _gpu_jax() -> bool:
-    if not HAS["jax"]:
-        return False
-    import jax
-
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:  # no GPU platform
-        return False
-
-
 def needs(*modules: str, gpu: str | None = None) -> list:
+    """Skip without ``modules``; with ``gpu`` (a backend name), the GPU marks of
+    fisherlib/_capabilities.py for that backend (checked only where its framework is installed)."""
     marks = [pytest.mark.skipif(not HAS[m], reason=f"{m} is not installed") for m in modules]
     if gpu is not None:
-        ok = {"torch": _gpu_torch, "cupy": _gpu_cupy, "jax": _gpu_jax}[gpu]
-        marks += [pytest.mark.gpu, pytest.mark.skipif(not ok(), reason=f"no GPU for {gpu}")]
+        if HAS[gpu]:
+            marks += capability_marks(gpu, "gpu")
+        else:
+            marks += [pytest.mark.gpu, pytest.mark.skip(reason=f"{gpu} is not installed")]
     return marks
 
 

@@ -52,5 +52,7 @@ def test_backends_page_examples(index, clean_registry):
     if missing:
         pytest.skip(f"needs {', '.join(missing)}")
     if not _gpu_ready(mods):
-        pytest.skip("needs a GPU")
+        from fisherlib._capabilities import support
+
+        pytest.skip(f"needs a GPU (cupy: {support('cupy', 'gpu').note})")
     exec(compile(block, f"backends.md block {index}", "exec"), {"__name__": "docs_example"})

@@ -1,0 +1,309 @@
+"""What runs where: the one record of which backend supports which feature.
+
+style.md §2 (after scipy's ``xp_capabilities``): this table says, for each backend and each
+feature, whether it is supported, and why not (or on what it depends) where it is not plainly
+so. Everything else takes it from here:
+
+- ``docs/backends.md`` holds :func:`render_markdown`'s table between the markers
+  ``<!-- capabilities:start -->`` and ``<!-- capabilities:end -->``;
+  ``python -m fisherlib._capabilities --write`` rewrites it, and ``tests/test_capabilities.py``
+  fails when the page and the table differ;
+- the tests take their skip marks from it (``tests/_backends.capability_marks``).
+
+Each entry was checked against the adapters and the tests (tests/backends, tests/core,
+tests/estimators). This module imports no array framework.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "BACKENDS",
+    "CAPABILITIES",
+    "FEATURES",
+    "BackendInfo",
+    "Feature",
+    "Requirement",
+    "Status",
+    "Support",
+    "render_markdown",
+    "support",
+    "update_docs",
+]
+
+Requirement = Literal["gpu", "x64"]
+"""A condition the test suite can check: ``"gpu"`` (a GPU for that backend), ``"x64"``
+(``jax_enable_x64`` on)."""
+
+
+class Status(enum.Enum):
+    YES = "yes"
+    DEPENDS = "depends"  # supported when a condition holds; the note says which
+    NO = "no"
+
+
+@dataclass(frozen=True)
+class Support:
+    """One cell: the status, a note (required unless YES), and a condition tests can check."""
+
+    status: Status
+    note: str = ""
+    requires: Requirement | None = None
+
+    def __post_init__(self):
+        if self.status is not Status.YES and not self.note:
+            raise ValueError(f"note: a {self.status.value!r} entry must say why")
+        if self.requires is not None and self.status is not Status.DEPENDS:
+            raise ValueError("requires: only a 'depends' entry has a condition")
+
+
+@dataclass(frozen=True)
+class Feature:
+    key: str
+    title: str  # the row's label in the docs (Markdown)
+    short: str  # the label in the notes under the table
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """A column: the name (as ``fisherlib.backends.get`` takes it) and what all its entries assume."""
+
+    name: str
+    requires: Requirement | None = None
+    note: str = ""
+
+
+YES = Support(Status.YES)
+
+
+def _no(note: str) -> Support:
+    return Support(Status.NO, note)
+
+
+def _yes(note: str) -> Support:
+    return Support(Status.YES, note)
+
+
+def _depends(note: str, requires: Requirement | None = None) -> Support:
+    return Support(Status.DEPENDS, note, requires)
+
+
+BACKENDS: tuple[BackendInfo, ...] = (
+    BackendInfo("numpy"),
+    BackendInfo("torch"),
+    BackendInfo("jax"),
+    BackendInfo("cupy", "gpu", "CuPy runs only on a CUDA GPU: every `cupy` entry assumes one."),
+    BackendInfo(
+        "array_api_strict",
+        note="`array_api_strict` (the Array API's reference implementation) has no adapter of its "
+        "own: the `numpy` adapter runs explicit-VJP models on its arrays.",
+    ),
+)
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("core", "core functions (`simplex`, `hypercube`)", "core"),
+    Feature("batched_vjp", "`linearize` + K cotangents pulled back in one call", "batched VJP"),
+    Feature("per_example", "per-example VJPs (`per_example_vjp`)", "per-example"),
+    Feature("own_params", "models that own their parameters (`params=None`)", "own parameters"),
+    Feature("jit", "jit / tracing", "jit"),
+    Feature("float64", "float64", "float64"),
+    Feature("reduced_precision", "float16 / bfloat16 (computed and accumulated in float32)", "float16 / bfloat16"),
+    Feature("gpu", "GPU", "GPU"),
+)
+
+_EXPLICIT = (
+    "explicit-VJP models only (`forward(params, x)` and `vjp(params, x, ct)`, e.g. "
+    "`fisherlib.models`): {} has no automatic differentiation"
+)
+_CUPY_MODELS = "explicit-VJP models, or torch / JAX models fed CuPy data through DLPack"
+
+CAPABILITIES: dict[str, dict[str, Support]] = {
+    "numpy": {
+        "core": YES,
+        "batched_vjp": _depends(_EXPLICIT.format("NumPy")),
+        "per_example": _depends(
+            _EXPLICIT.format("NumPy") + "; without a `per_example_vjp` method, one `vjp` per input"
+        ),
+        "own_params": _no("explicit-VJP models take their parameters as an argument"),
+        "jit": _no("NumPy runs eagerly; there is nothing to compile"),
+        "float64": YES,
+        "reduced_precision": _depends("float16 only: NumPy has no bfloat16"),
+        "gpu": _no("NumPy runs on the CPU only"),
+    },
+    "torch": {
+        "core": YES,
+        "batched_vjp": YES,  # one autograd.grad(is_grads_batched=True)
+        "per_example": _yes(
+            "`torch.func.vmap` runs each input as a batch of one: batch norm in training mode "
+            "fails (call `model.eval()`)"
+        ),
+        "own_params": YES,  # an nn.Module's parameters with requires_grad=True
+        "jit": _no(
+            "`torch.compile` is not supported or tested (with torch 2.13 a compiled module failed "
+            "in the batched VJP); pass the eager module"
+        ),
+        "float64": YES,
+        "reduced_precision": YES,
+        "gpu": _depends("CUDA: a CUDA build of torch and a GPU", "gpu"),
+    },
+    "jax": {
+        "core": YES,
+        "batched_vjp": YES,  # one vmap of the pullback
+        "per_example": YES,  # jax.vmap, or jax.lax.map in chunks
+        "own_params": _no(
+            "JAX models are pure functions `f(params, x)`: pass the parameter pytree (flax "
+            "variables, `eqx.partition`)"
+        ),
+        "jit": _yes(
+            "`jax.jit`: the core and the adapter trace inside your own `jit`; the adapter "
+            "compiles the model's VJP itself unless `backends.get(\"jax\", jit=False)`"
+        ),
+        "float64": _depends("needs `jax.config.update(\"jax_enable_x64\", True)`; else float32", "x64"),
+        "reduced_precision": YES,
+        "gpu": _depends("a GPU build of jaxlib and a GPU", "gpu"),
+    },
+    "cupy": {
+        "core": YES,
+        "batched_vjp": _depends(_CUPY_MODELS),
+        "per_example": _depends(_CUPY_MODELS),
+        "own_params": _depends("a torch `nn.Module` through DLPack (needs torch with CUDA)"),
+        "jit": _no("CuPy runs eagerly (a torch or JAX model keeps its own adapter's behaviour)"),
+        "float64": YES,
+        "reduced_precision": _depends("float16 only: CuPy has no bfloat16"),
+        "gpu": _yes("CUDA only: CuPy runs nowhere else"),
+    },
+    "array_api_strict": {
+        "core": YES,
+        "batched_vjp": _depends("through the `numpy` adapter: explicit-VJP models only"),
+        "per_example": _depends("through the `numpy` adapter: explicit-VJP models only"),
+        "own_params": _no("explicit-VJP models take their parameters as an argument"),
+        "jit": _no("an eager reference implementation"),
+        "float64": YES,
+        "reduced_precision": _no("the Array API standard has no float16 or bfloat16"),
+        "gpu": _no("a CPU reference implementation (its extra devices are simulated)"),
+    },
+}
+
+
+def _check_table() -> None:
+    names = [b.name for b in BACKENDS]
+    keys = [f.key for f in FEATURES]
+    if list(CAPABILITIES) != names:
+        raise AssertionError(f"CAPABILITIES: backends {list(CAPABILITIES)}, expected {names}")
+    for name, row in CAPABILITIES.items():
+        if list(row) != keys:
+            raise AssertionError(f"CAPABILITIES[{name!r}]: features {list(row)}, expected {keys}")
+
+
+_check_table()
+
+
+def backend_info(backend: str) -> BackendInfo:
+    for info in BACKENDS:
+        if info.name == backend:
+            return info
+    raise ValueError(f"backend: unknown {backend!r}; known: {', '.join(b.name for b in BACKENDS)}")
+
+
+def feature_info(feature: str) -> Feature:
+    for f in FEATURES:
+        if f.key == feature:
+            return f
+    raise ValueError(f"feature: unknown {feature!r}; known: {', '.join(f.key for f in FEATURES)}")
+
+
+def support(backend: str, feature: str) -> Support:
+    """The entry for ``backend`` ("numpy", "torch", "jax", "cupy", "array_api_strict") and ``feature``."""
+    backend_info(backend)
+    feature_info(feature)
+    return CAPABILITIES[backend][feature]
+
+
+def requirements(backend: str, feature: str) -> tuple[Requirement, ...]:
+    """The checkable conditions of an entry: the backend's own (CuPy: a GPU), then the entry's."""
+    out = [backend_info(backend).requires, support(backend, feature).requires]
+    return tuple(dict.fromkeys(r for r in out if r is not None))
+
+
+# -- the docs' table ------------------------------------------------------------------------------
+
+START = "<!-- capabilities:start -->"
+END = "<!-- capabilities:end -->"
+REGENERATE = "python -m fisherlib._capabilities --write"
+
+
+def render_markdown() -> str:
+    """The table as Markdown (features as rows, backends as columns) with numbered notes."""
+    notes: list[str] = []
+
+    def cell(backend: str, feature: Feature) -> str:
+        s = CAPABILITIES[backend][feature.key]
+        if not s.note:
+            return s.status.value
+        notes.append(f"{len(notes) + 1}. `{backend}`, {feature.short}: {s.note}.")
+        label = {Status.YES: "yes", Status.DEPENDS: "yes, if", Status.NO: "no"}[s.status]
+        return f"{label} [{len(notes)}]"
+
+    head = "| feature | " + " | ".join(f"`{b.name}`" for b in BACKENDS) + " |"
+    rule = "|---" * (len(BACKENDS) + 1) + "|"
+    rows = [f"| {f.title} | " + " | ".join(cell(b.name, f) for b in BACKENDS) + " |" for f in FEATURES]
+    lines = [
+        f"<!-- generated from fisherlib/_capabilities.py; regenerate with `{REGENERATE}` -->",
+        "",
+        head,
+        rule,
+        *rows,
+        "",
+        *(line for b in BACKENDS if b.note for line in (b.note, "")),
+        *notes,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+_BLOCK = re.compile(re.escape(START) + r"\n(.*?)" + re.escape(END), re.S)
+
+
+def docs_table(text: str) -> str:
+    """The text between the markers of a page (ValueError without them)."""
+    m = _BLOCK.search(text)
+    if m is None:
+        raise ValueError(f"text: no {START} ... {END} block")
+    return m.group(1)
+
+
+def update_docs(path: str | Path = "docs/backends.md") -> bool:
+    """Write the rendered table between the markers of ``path``; True when the file changed."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    docs_table(text)  # the markers must be there
+    new = _BLOCK.sub(lambda _: f"{START}\n{render_markdown()}{END}", text, count=1)
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fisherlib._capabilities",
+        description="Print the capability table as Markdown, or write it into the docs page.",
+    )
+    parser.add_argument("--write", nargs="?", const="docs/backends.md", metavar="PAGE",
+                        help="rewrite the table between the markers of PAGE (default docs/backends.md)")
+    args = parser.parse_args(argv)
+    if args.write is None:
+        sys.stdout.write(render_markdown())
+        return 0
+    changed = update_docs(args.write)
+    print(f"{args.write}: {'updated' if changed else 'already up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
