@@ -19,13 +19,18 @@ Usage::
 
     python benchmarks/core_spectrum.py            # C = 10, 100, 1000; 256 rows; 3 repeats
     python benchmarks/core_spectrum.py --quick    # C = 10, 100; 64 rows; 2 repeats (seconds)
+    # against an earlier solver, timed in the same run (interleaved with the current one):
+    git show a92d398:fisherlib/core/spectrum.py > /tmp/spectrum_old.py
+    python benchmarks/core_spectrum.py --baseline /tmp/spectrum_old.py
 
-Prints one Markdown table (pasted into docs/benchmarks.md).
+Prints one Markdown table (pasted into docs/benchmarks.md); with ``--baseline``, a second one
+with the baseline's times and current / baseline speed-ups.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
@@ -57,6 +62,14 @@ def _torch():
     return torch
 
 
+def _load_baseline(path):
+    """Another version of fisherlib/core/spectrum.py, loaded as a module of fisherlib.core."""
+    spec = importlib.util.spec_from_file_location("fisherlib.core._baseline_spectrum", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _errors(F, pmax, lam, V, lam_ref):
     """(max |λ - λ_ref| / max p, max ‖F v - λ v‖ / max p) over rows and eigenpairs."""
     err = np.max(np.abs(lam - lam_ref) / pmax)
@@ -68,7 +81,7 @@ def _errors(F, pmax, lam, V, lam_ref):
     return err, float(np.max(res))
 
 
-def bench(C: int, rows: int, repeats: int, seed: int, torch) -> list[dict]:
+def bench(C: int, rows: int, repeats: int, seed: int, torch, baseline=None) -> list[dict]:
     rng = np.random.default_rng(seed + C)
     z = rng.normal(size=(rows, C)) * 2.0
     F = simplex.fim(z)  # dense (rows, C, C), built once, not timed
@@ -105,6 +118,18 @@ def bench(C: int, rows: int, repeats: int, seed: int, torch) -> list[dict]:
             dense_t = torch.linalg.eigvalsh if op == "eigvalsh" else torch.linalg.eigh
             _warm(lambda: dense_t(Ft[small]))
             row["torch_dense"] = _median_time(lambda: dense_t(Ft), repeats)
+        if baseline is not None:  # current and baseline alternate, so both see the same load
+            f_b = getattr(baseline, op)
+            for key, zz in (("numpy", z), ("torch", zt)):
+                if zz is None:
+                    continue
+                _warm(lambda: f_b(zz[small]))
+                cur, base = [], []
+                for _ in range(repeats):
+                    cur.append(_median_time(lambda: f_np(zz), 1))
+                    base.append(_median_time(lambda: f_b(zz), 1))
+                row[f"current_{key}"] = statistics.median(cur)
+                row[f"baseline_{key}"] = statistics.median(base)
         results.append(row)
         print(f"  C={C:<5} {op:<12} done", flush=True)
     return results
@@ -140,6 +165,21 @@ def table(results: list[dict], with_torch: bool) -> str:
     return "\n".join(lines)
 
 
+def baseline_table(results: list[dict], with_torch: bool) -> str:
+    head = ["C", "operation", "baseline (numpy)", "current (numpy)", "speed-up"]
+    if with_torch:
+        head += ["baseline (torch)", "current (torch)", "speed-up"]
+    rule = "|" + "|".join(":---" if i == 1 else "---:" for i in range(len(head))) + "|"
+    lines = ["| " + " | ".join(head) + " |", rule]
+    for r in results:
+        cells = [str(r["C"]), f"`{r['op']}`"]
+        for key in ("numpy", "torch") if with_torch else ("numpy",):
+            b, c = r[f"baseline_{key}"], r[f"current_{key}"]
+            cells += [_fmt_t(b), _fmt_t(c), f"{b / c:.1f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def machine(torch) -> str:
     parts = [
         f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
@@ -158,6 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per method, median reported (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-torch", action="store_true", help="skip the torch columns")
+    parser.add_argument("--baseline", default=None, help="path of an earlier spectrum.py to time beside this one")
     args = parser.parse_args(argv)
     classes = args.classes or ([10, 100] if args.quick else [10, 100, 1000])
     rows = args.rows or (64 if args.quick else 256)
@@ -166,11 +207,17 @@ def main(argv=None) -> int:
 
     print(f"# fisherlib core spectrum benchmark: {rows} rows, float64, median of {repeats}", flush=True)
     print(f"# {machine(torch)}", flush=True)
+    baseline = None if args.baseline is None else _load_baseline(args.baseline)
     results = []
     for C in classes:
-        results += bench(C, rows, repeats, args.seed, torch)
+        results += bench(C, rows, repeats, args.seed, torch, baseline)
     print()
     print(table(results, torch is not None))
+    if baseline is not None:
+        print()
+        print(f"Against the baseline {args.baseline} (same run, alternating calls):")
+        print()
+        print(baseline_table(results, torch is not None))
     return 0
 
 

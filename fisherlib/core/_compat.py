@@ -22,6 +22,7 @@ __all__ = [
     "check_logits",
     "compute_dtype",
     "device",
+    "is_eager",
     "is_lazy_array",
     "namespace_of",
 ]
@@ -113,6 +114,9 @@ def _is_eager(x: Array) -> bool:
         tracer = getattr(getattr(sys.modules.get("jax"), "core", None), "Tracer", None)
         return tracer is not None and not isinstance(x, tracer)
     return False
+
+
+is_eager = _is_eager  # public name for the core modules (e.g. the spectrum's early stop)
 
 
 def check_vector(v: Array, name: str, z: Array, zname: str = "z"):

@@ -13,7 +13,7 @@ from typing import Any
 
 from ._compat import array_namespace, check_logits, check_vector, device
 from ._lib import log_softmax, matmul_vec, restore
-from .spectrum import _spectrum
+from ._secular import _spectrum
 
 Array = Any
 

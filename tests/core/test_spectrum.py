@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fisherlib import simplex
+from fisherlib.core._secular import _spectrum
 from tests._backends import JAX_NEW_SHAPE, backend_of, jit, skip_backend, to_numpy, to_xp
 from tests.core._reference import (
     assert_spectrum_matches,
@@ -327,3 +328,92 @@ def test_runs_under_jax_jit(name):
         # Same algorithm, but XLA may fuse and reorder roundings: eigenvectors move by up to
         # ε/gap, and these inputs have gaps of at least 1e-2 outside their exact ties.
         assert np.allclose(to_numpy(b), a, rtol=0, atol=100 * eig_tol(5))
+
+
+# ----------------------------------------------------------------------------- solver paths
+# The solver takes cheaper paths on eager arrays: it stops once no root moves, skips the tie
+# bookkeeping of tie-free rows, and splits the (rows, roots, classes) work into cache-sized
+# blocks. Each path must give the full fixed-step, unblocked result to rounding.
+
+
+def _solve(zx, *, first=None, **kw):
+    """(eigenvalues, eigenvectors as columns) from the internal solver, as NumPy arrays."""
+    xp = array_namespace(zx)
+    lam, vec = _spectrum(zx, first, steps=None, vectors=True, xp=xp, **kw)
+    return to_numpy(lam), np.swapaxes(to_numpy(vec), -1, -2)
+
+
+def _assert_same_to_rounding(a, b, z, C):
+    """Two runs of the solver agree within the solver's own accuracy (eigenvalues to
+    eig_tol·max p; eigenvectors up to sign, where the gap lets them be defined)."""
+    (lam1, V1), (lam2, V2) = a, b
+    pm = max_p(z)
+    assert np.all(np.abs(lam1 - lam2) <= eig_tol(C) * pm)
+    assert_spectrum_matches(z, lam1, V1, "float64")
+    assert_spectrum_matches(z, lam2, V2, "float64")
+
+
+@given(data=st.data())
+def test_blocked_and_early_stopped_match_the_plain_solver(xp, data):
+    """Blocks of 3 roots (so that most poles lie outside a block's band and the signed sums of
+    the rounding bound are used) and the early stop, against one block and every step."""
+    skip_backend(xp, "jax", JAX_NEW_SHAPE)
+    z = data.draw(logits(xp, min_c=2, max_c=40))
+    C = z.shape[-1]
+    zx = to_xp(z, xp)
+    plain = _solve(zx, block=1 << 30, early_stop=False)
+    for kw in ({"block": 3 * C}, {"block": 3 * C, "early_stop": False}, {"block": 1 << 30}):
+        _assert_same_to_rounding(_solve(zx, **kw), plain, z, C)
+
+
+def test_early_stop_is_exact_once_converged(xp):
+    """With the early stop, more steps change nothing; and it equals the full step count."""
+    z = _z((2, 3, 5), "random")
+    zx = to_xp(z, xp)
+    early = to_numpy(simplex.eigvalsh(zx))
+    assert np.array_equal(to_numpy(simplex.eigvalsh(zx, steps=40)), early)
+    full = _solve(zx, early_stop=False)[0]
+    assert np.all(np.abs(full - early) <= 4 * eps("float64") * max_p(z))
+
+
+def test_early_stop_large_c(xp):
+    """C = 300, several blocks per row at the default size: early stop against every step."""
+    skip_backend(xp, "jax", JAX_NEW_SHAPE)
+    for kind in ("random", "peaked", "tied", "neginf"):
+        z = _z((2, 300), kind, seed=1)
+        zx = to_xp(z, xp)
+        _assert_same_to_rounding(_solve(zx), _solve(zx, early_stop=False, block=1 << 30), z, 300)
+        top, v = (to_numpy(a) for a in simplex.top_eigpair(zx, k=4))
+        lam, _ = _solve(zx, first=296, block=8 * 300)  # the top 4 in blocks of 8
+        assert np.all(np.abs(top - lam) <= eig_tol(300) * max_p(z))
+
+
+def test_tie_free_rows_take_the_same_path_as_tied_batches(xp):
+    """Rows without ties skip the tie bookkeeping; beside a tied row they take the general path.
+
+    Includes a single zero probability (a kernel vector, but no tie).
+    """
+    skip_backend(xp, "jax", JAX_NEW_SHAPE)
+    z = _z((3, 6), "random", seed=5)
+    z[1, 2] = -np.inf
+    tied = np.log(np.array([[0.1, 0.2, 0.2, 0.2, 0.15, 0.15]]))
+    alone = _solve(to_xp(z, xp))
+    both = _solve(to_xp(np.concatenate([z, tied]), xp))
+    assert np.array_equal(alone[0], both[0][:3])
+    assert np.abs(alone[1] - both[1][:3]).max() <= eig_tol(6)
+    assert_spectrum_matches(z, *alone, "float64")
+    assert np.all(alone[0][1, :2] == 0)  # the zero's kernel direction and λ_1
+
+
+def test_traced_solver_takes_every_step():
+    """Under jax.jit the solver runs its fixed step count (no early stop, no value branches):
+    after 1 or 2 steps, before convergence, it matches the eager solver with the stop off."""
+    jnp = pytest.importorskip("jax.numpy")
+    z = _z((2, 3, 5), "peaked")
+    z[0, 0, 1] = -np.inf
+    for steps in (1, 2):
+        eager = simplex.eigvalsh(z, steps=steps)
+        full, _ = _spectrum(z, None, steps=steps, vectors=False, xp=array_namespace(z), early_stop=False)
+        traced = to_numpy(jit(simplex.eigvalsh, jnp, steps=steps)(jnp.asarray(z)))
+        assert np.allclose(traced, to_numpy(full), rtol=0, atol=100 * eig_tol(5))
+        assert np.all(np.abs(to_numpy(full) - eager) <= 100 * eig_tol(5))
