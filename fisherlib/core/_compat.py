@@ -92,13 +92,29 @@ def check_logits(z: Array, name: str = "z", *, softmax: bool = True):
     if work != out_dtype:
         z = xp.astype(z, work)
     if _is_eager(z):
-        if bool(xp.any(xp.isnan(z))):
-            raise ValueError(f"{name}: contains NaN")
-        if bool(xp.any(z == xp.inf)):
-            raise ValueError(f"{name}: contains +inf; only -inf (a class of probability 0) is allowed")
-        if softmax and bool(xp.any(xp.all(z == -xp.inf, axis=-1))):
-            raise ValueError(f"{name}: a row has every logit equal to -inf, so no class has positive probability")
+        problem = logits_problem(z, xp, softmax=softmax)
+        if problem is not None:
+            raise ValueError(f"{name}: {problem}")
     return xp, z, out_dtype
+
+
+def logits_problem(z: Array, xp, *, softmax: bool = True, finite: bool = False) -> str | None:
+    """What is wrong with the values of eager logits ``z`` (..., C), or None.
+
+    One pass over ``z``: NaN propagates through ``max`` (Array API), so the row maxima show a
+    NaN, a +inf and a row of -inf alike. ``finite`` also refuses -inf (a second pass, for
+    ``min``).
+    """
+    top = xp.max(z, axis=-1)
+    if bool(xp.any(xp.isnan(top))):
+        return "contains NaN"
+    if bool(xp.any(top == xp.inf)):
+        return "contains +inf; only -inf (a class of probability 0) is allowed"
+    if softmax and bool(xp.any(top == -xp.inf)):
+        return "a row has every logit equal to -inf, so no class has positive probability"
+    if finite and bool(xp.any(xp.min(z, axis=-1) == -xp.inf)):
+        return "contains -inf"
+    return None
 
 
 def _is_eager(x: Array) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import backends as _backends
 from ..core import cotangents
-from ..core._compat import array_namespace, is_lazy_array
+from ..core._compat import array_namespace, is_eager, is_lazy_array, logits_problem
 from . import _blocks
 from ._estimate import FisherEstimate, stderr_kind
 
@@ -285,11 +285,10 @@ def _check_logits(logits, b, likelihood):
         raise ValueError(f"batches: batch {b} gave logits of shape {tuple(logits.shape)}; expected (N, C)")
     C = logits.shape[-1]
     z = xp.reshape(logits, (-1, C))
-    if not is_lazy_array(z):
-        bad = ~xp.isfinite(z) if likelihood == "sigmoid" else (xp.isnan(z) | (z == xp.inf))
-        if bool(xp.any(bad)):
-            raise ValueError(f"batches: batch {b} gave non-finite logits (NaN or +inf); the model "
-                             "output must be finite")
+    if is_eager(z):
+        problem = logits_problem(z, xp, softmax=likelihood == "softmax", finite=likelihood == "sigmoid")
+        if problem is not None:
+            raise ValueError(f"batches: batch {b} gave non-finite logits: {problem}")
     return z, C
 
 

@@ -202,3 +202,17 @@ def test_c1_is_valid(xp):
     assert np.all(to_numpy(simplex.eigvalsh(z)) == 0)
     lo, hi = simplex.lambda_max_bounds(z)
     assert np.all(to_numpy(lo) == 0) and np.all(to_numpy(hi) == 0)
+
+
+@pytest.mark.parametrize(("rows", "match"), [
+    ([[np.nan, np.inf, 0.0]], "NaN"),          # NaN beside +inf: the row maximum is NaN
+    ([[0.0, 1.0, 2.0], [1.0, np.nan, 0.0]], "NaN"),
+    ([[0.0, 1.0, np.inf]], r"\+inf"),
+    ([[0.0, -np.inf, 1.0], [-np.inf, -np.inf, -np.inf]], "every logit equal to -inf"),
+])
+def test_one_pass_value_check_finds_each_problem(xp, rows, match):
+    """The row-maximum check (NaN propagates through max) finds a bad entry wherever it sits."""
+    z = to_xp(np.array(rows), xp)
+    with pytest.raises(ValueError, match=rf"^z: .*{match}"):
+        simplex.probs(z)
+    assert simplex.probs(to_xp(np.array([[0.0, -np.inf, 1.0]]), xp)) is not None
