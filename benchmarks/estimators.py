@@ -41,12 +41,13 @@ import math
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from _measure import median_times, reset_peak, status_kb  # benchmarks/ is the script's directory
 
 # ------------------------------------------------------------------------------------ sizes
 
@@ -180,52 +181,6 @@ def rel_err(est: np.ndarray, ref: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------ timing
 
 
-def median_times(fns: dict, repeats: dict | int, warmup: int = 1) -> dict:
-    """Median wall time of each function, the repeats interleaved so that load affects all alike.
-
-    ``repeats``: one count for all, or a count per function (slow ones take fewer; each round
-    runs every function that still has repeats left, in a rotating order).
-    """
-    if isinstance(repeats, int):
-        repeats = {name: repeats for name in fns}
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for r in range(max(repeats.values())):
-        names = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]
-        for name in names:
-            if len(times[name]) < repeats[name]:
-                t0 = time.perf_counter()
-                fns[name]()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-# ------------------------------------------------------------------------------------ memory
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def child(spec: dict) -> None:
     """Measure one row's peak extra memory in this (fresh) process and print it as JSON.
 
@@ -244,11 +199,11 @@ def child(spec: dict) -> None:
     call = make_call(spec["method"], model, x, y)
     call(0)  # warm-up: lazy imports and one-time set-up are not the method's memory
     gc.collect()
-    base = _status_kb("VmRSS")
-    if base is not None and _reset_peak():
+    base = status_kb("VmRSS")
+    if base is not None and reset_peak():
         how = "VmHWM"
         call(1)
-        peak = _status_kb("VmHWM") - base
+        peak = status_kb("VmHWM") - base
     else:  # ru_maxrss: the peak since the process started, so earlier peaks hide below it
         how = "ru_maxrss"
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

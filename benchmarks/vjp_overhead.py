@@ -19,27 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import numpy as np
 
+from _measure import median_times  # benchmarks/ is the script's directory
+
 K = 8
-
-
-def median_times(fns: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median wall time of each function, the repeats interleaved so that load affects all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for r in range(repeats):
-        order = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]
-        for name in order:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def sizes(quick: bool) -> dict:
@@ -127,7 +112,7 @@ def bench_torch(s, repeats):
         t = median_times({
             "train": train, "probe": probe, "loop8": loop8, "batch8": batch8,
             "vjp_loop8": lambda: [vjp(cts[k]) for k in range(K)], "vjp_batch8": lambda: vjp(cts),
-        }, repeats)
+        }, repeats, warmup=2)
         rows.append(("torch", name, sum(p.numel() for p in params), tuple(x.shape), t))
     return rows
 
@@ -248,7 +233,7 @@ def bench_jax(s, repeats):
         t = median_times({
             "train": train, "probe": probe, "loop8": loop8, "batch8": batch8,
             "vjp_loop8": lambda: ready([vjp(c) for c in slices]), "vjp_batch8": lambda: ready(vjp(cts)),
-        }, repeats)
+        }, repeats, warmup=2)
         count = sum(a.size for a in jax.tree_util.tree_leaves(params))
         rows.append(("jax", name, count, tuple(x.shape), t))
     return rows

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import platform
 
 from . import __version__, backends
 
-# (distribution, import name) of what fisherlib uses or can use.
-PACKAGES = (("numpy", "numpy"), ("array-api-compat", "array_api_compat"), ("torch", "torch"),
-            ("jax", "jax"), ("cupy", "cupy"), ("matplotlib", "matplotlib"),
-            ("scikit-learn", "sklearn"), ("tqdm", "tqdm"))
+# Distributions fisherlib uses or can use.
+PACKAGES = ("numpy", "array-api-compat", "torch", "jax", "cupy", "matplotlib", "scikit-learn", "tqdm")
 
 
 def versions() -> dict[str, str | None]:
     """Installed version of each package of :data:`PACKAGES` (None when missing)."""
     out: dict[str, str | None] = {}
-    for dist, _ in PACKAGES:
+    for dist in PACKAGES:
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -29,10 +26,13 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def devices() -> dict[str, list[str]]:
-    """Devices each installed framework sees (importing only what is installed)."""
+def devices(ver: dict[str, str | None] | None = None) -> dict[str, list[str]]:
+    """Devices each installed framework sees (importing only what is installed).
+
+    ``ver``: :func:`versions`, if already at hand.
+    """
     found: dict[str, list[str]] = {"numpy": ["cpu"]}
-    ver = versions()
+    ver = versions() if ver is None else ver
     if ver["torch"]:
         import torch
 
@@ -59,8 +59,9 @@ def report() -> str:
     installed = set(backends.available())
     for name in backends.available(include_missing=True):
         lines.append(f"  {name:<8} {'installed' if name in installed else 'not installed'}")
+    ver = versions()
     lines += ["", "devices:"]
-    lines += [f"  {fw:<8} {', '.join(devs) or 'none'}" for fw, devs in devices().items()]
+    lines += [f"  {fw:<8} {', '.join(devs) or 'none'}" for fw, devs in devices(ver).items()]
     lines += ["", "versions:"]
-    lines += [f"  {dist:<17} {ver or '-'}" for dist, ver in versions().items()]
+    lines += [f"  {dist:<17} {v or '-'}" for dist, v in ver.items()]
     return "\n".join(lines)

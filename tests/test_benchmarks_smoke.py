@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 
@@ -13,6 +14,9 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "estimator
 
 
 def _load():
+    # As when run as a script: benchmarks/ (for its shared _measure module) first on the path.
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("_bench_estimators", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -38,6 +38,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+from benchmarks._measure import reset_peak, status_kb  # noqa: E402 (after the path)
+
 STEP = 8  # probes / MC samples per call while accumulating towards 10 % error
 TARGET = 0.10
 
@@ -155,14 +157,6 @@ def make_call(row, model, x, y):
     raise ValueError(row)
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def mem_baseline():
     """Release freed heap pages and reset the peak-RSS mark (Linux): returns the RSS now, in kB.
 
@@ -172,16 +166,16 @@ def mem_baseline():
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        return _status_kb("VmRSS")
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        pass
+    if reset_peak():
+        return status_kb("VmRSS")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def mem_peak_mb(base):
     """Peak RSS since ``mem_baseline`` minus the RSS then, in MB."""
-    peak = _status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return max(0, peak - base) / 1024
 
 
@@ -192,6 +186,8 @@ def median_rel_error(est, ref, mask):
 def child(setting, row, mode, ref_path):
     import torch
 
+    from tests.peers import peer_calls as PC
+
     torch.set_num_threads(1)
     kind, spec = SETTINGS[setting]
     n = BATCH[mode][kind]
@@ -199,11 +195,8 @@ def child(setting, row, mode, ref_path):
     P = sum(p.numel() for p in model.parameters())
     out = {"P": P, "C": C, "N": n}
     peer = PEER_OF.get(row.split()[0])
-    if peer:
-        from tests.peers import peer_calls as PC
-
-        if not PC.available(peer):
-            return {**out, "note": f"{peer} not installed"}
+    if peer and not PC.available(peer):
+        return {**out, "note": f"{peer} not installed"}
     why = infeasible(row, kind, C, n, P)
     if why and row != "curvlinops exact (G @ I)":
         return {**out, "note": why}
@@ -211,8 +204,6 @@ def child(setting, row, mode, ref_path):
     mask = ref > ref.max() * 1e-6
     call, random = make_call(row, model, x, y)
     if why:  # curvlinops exact: time one chunk of identity columns and extrapolate to P
-        from tests.peers import peer_calls as PC
-
         cols = PC.column_step(P)
 
         base = mem_baseline()

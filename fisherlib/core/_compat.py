@@ -91,7 +91,7 @@ def check_logits(z: Array, name: str = "z", *, softmax: bool = True):
     work = compute_dtype(xp, out_dtype)
     if work != out_dtype:
         z = xp.astype(z, work)
-    if _is_eager(z):
+    if is_eager(z):
         problem = logits_problem(z, xp, softmax=softmax)
         if problem is not None:
             raise ValueError(f"{name}: {problem}")
@@ -117,7 +117,7 @@ def logits_problem(z: Array, xp, *, softmax: bool = True, finite: bool = False) 
     return None
 
 
-def _is_eager(x: Array) -> bool:
+def is_eager(x: Array) -> bool:
     """Whether ``x``'s values can be read now: not lazy, or a concrete (untraced) JAX array.
 
     array-api-compat calls every JAX array lazy; only a tracer (inside ``jax.jit``, ``grad``,
@@ -130,9 +130,6 @@ def _is_eager(x: Array) -> bool:
         tracer = getattr(getattr(sys.modules.get("jax"), "core", None), "Tracer", None)
         return tracer is not None and not isinstance(x, tracer)
     return False
-
-
-is_eager = _is_eager  # public name for the core modules (e.g. the spectrum's early stop)
 
 
 def check_vector(v: Array, name: str, z: Array, zname: str = "z"):

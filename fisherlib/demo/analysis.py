@@ -99,7 +99,8 @@ def analyse(net: Net, x: np.ndarray, y: np.ndarray, *, probes: int, max_probes: 
         seconds = float(np.median(times))
         results[run.key] = _result(run, est, seconds, len(y), len(batches), z.shape[1])
         if run.random and max_probes > 1:
-            many = fisher(net.model, net.params, batches, **dict(opts, probes=max_probes))
+            many = est if max_probes == probes else fisher(
+                net.model, net.params, batches, **dict(opts, probes=max_probes))
             results[run.key].curve = [(k, _numpy_value(many.first_probes(k)))
                                       for k in _powers(max_probes)]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +80,7 @@ def build(name: str, sizes: tuple[int, ...], seed: int) -> Net:
 
 
 def train(net: Net, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int = 64, lr: float = 3e-3,
-          seed: int = 0, progress: bool = True, callback: Callable | None = None) -> list[float]:
+          seed: int = 0, progress: bool = True) -> list[float]:
     """Adam on the mean cross-entropy; returns the training loss of each epoch.
 
     Each step is one ``linearize`` and one ``vjp`` of (softmax(z) − onehot(y)) / N — the same
@@ -91,31 +91,28 @@ def train(net: Net, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int = 6
     C = net.sizes[-1]
     rng = np.random.default_rng(seed)
     onehot = np.eye(C, dtype=np.float64)
-    names, leaves = zip(*be.leaves(net.params))
+    leaves = [p for _, p in be.leaves(net.params)]
     m = [xp.zeros_like(p) for p in leaves]
     v = [xp.zeros_like(p) for p in leaves]
     b1, b2, eps, t = 0.9, 0.999, 1e-8, 0
     losses = []
-    steps = range(epochs)
-    bar = _bar(steps, progress, "training", "epoch")
+    bar = _bar(range(epochs), progress, "training", "epoch")
     for _ in bar:
         order = rng.permutation(len(y))
         total = 0.0
         for i in range(0, len(y) - batch + 1, batch):
             idx = order[i:i + batch]
             z, vjp = be.linearize(net.model, net.params, net.asarray(x[idx]))
-            p = simplex.probs(z)
+            logp = simplex.log_probs(z)
             target = net.asarray(onehot[y[idx]])
-            total += float(_numpy(-xp.sum(simplex.log_probs(z) * target))) / batch
-            grads = [g for _, g in be.leaves(vjp((p - target) / batch))]
+            total += float(-xp.sum(logp * target)) / batch
+            grads = [g for _, g in be.leaves(vjp((xp.exp(logp) - target) / batch))]
             t += 1
-            new = []
-            for j, (w, g) in enumerate(zip(leaves, grads)):
+            step = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            for j, g in enumerate(grads):
                 m[j] = b1 * m[j] + (1 - b1) * g
                 v[j] = b2 * v[j] + (1 - b2) * g * g
-                step = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-                new.append(w - step * m[j] / (xp.sqrt(v[j]) + eps))
-            leaves = new
+                leaves[j] = leaves[j] - step * m[j] / (xp.sqrt(v[j]) + eps)
             net.params = be.unflatten(net.params, list(leaves))
         losses.append(total / max(1, len(y) // batch))
         if hasattr(bar, "set_postfix"):

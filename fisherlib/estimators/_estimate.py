@@ -157,9 +157,13 @@ class FisherEstimate:
 
 
 
+# Methods that draw nothing at random: their estimate is a deterministic sum over inputs.
+DETERMINISTIC = ("exact", "empirical")
+
+
 def stderr_kind(method: str, probes: int) -> str:
     """What the standard error of ``method`` with ``probes`` probes rests on (see the class)."""
-    if method in ("exact", "empirical"):
+    if method in DETERMINISTIC:
         return "exact"
     if probes >= 2:
         return "probes"

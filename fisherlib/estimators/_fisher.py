@@ -12,7 +12,7 @@ from .. import backends as _backends
 from ..core import cotangents
 from ..core._compat import array_namespace, is_eager, is_lazy_array, logits_problem
 from . import _blocks
-from ._estimate import FisherEstimate, stderr_kind
+from ._estimate import DETERMINISTIC, FisherEstimate, stderr_kind
 
 Array = Any
 
@@ -164,7 +164,7 @@ def fisher(
 
     out_names = names if structure in ("diag", "sketch") else (
         ["trace"] if structure == "trace" else [blk.name for blk in plan])
-    deterministic = method in ("exact", "empirical")
+    deterministic = method in DETERMINISTIC
     K = 0 if deterministic else probes
     kind = stderr_kind(method, probes)
     tree = (lambda arrays: be.unflatten(template, arrays)) if structure == "diag" else None
@@ -218,7 +218,7 @@ def _validate(structure, method, likelihood, bound, rank, probes, dist, per_exam
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
-    deterministic = method in ("exact", "empirical")
+    deterministic = method in DETERMINISTIC
     if bound is not None and method in ("mc", "empirical"):
         raise ValueError(f"bound: {bound!r} is estimated by method='hutchinson' or computed by "
                          f"method='exact', not by method={method!r}")
@@ -344,7 +344,7 @@ def _labels(labels, z, likelihood, b):
 def _per_example(be, model, params, inputs, ct, opts, structure, plan, n, P):
     K = ct.shape[0]
     chunk = opts["chunk_size"] or max(1, _PER_EXAMPLE_ELEMENTS // max(1, K * P))
-    summed = opts["method"] in ("exact", "empirical")
+    summed = opts["method"] in DETERMINISTIC
     # Summed columns (exact: K = C of them) are also split along K when even one input's K
     # gradients exceed the budget (at C = 1000 and P = 5e5 one input held 2 GB at once).
     kchunk = K if not summed or opts["chunk_size"] else max(1, min(K, _PER_EXAMPLE_ELEMENTS // max(1, P)))

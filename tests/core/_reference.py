@@ -223,3 +223,9 @@ def logits(
     kind = draw(st.sampled_from(kinds))
     seed = draw(st.integers(0, 2**32 - 1))
     return make_logits(np.random.default_rng(seed), shape, kind)
+
+
+
+def seeded_logits(shape, kind="random", seed=0):
+    """:func:`make_logits` from a fresh generator seeded with ``seed``."""
+    return make_logits(np.random.default_rng(seed), shape, kind)

@@ -19,16 +19,15 @@ from tests.core._reference import (
     eig_tol,
     logits,
     lowner_min,
-    make_logits,
     max_p,
     product_tol,
     ref_fim,
     ref_probs,
+    seeded_logits,
 )
 
 
-def _z(shape, kind="random", seed=0):
-    return make_logits(np.random.default_rng(seed), shape, kind)
+_z = seeded_logits
 
 
 def _ranks(data, C, xp):

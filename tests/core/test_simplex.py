@@ -15,17 +15,16 @@ from tests._backends import JAX_NEW_SHAPE, skip_backend, to_numpy, to_xp
 from tests.core._reference import (
     eps,
     logits,
-    make_logits,
     product_tol,
     ref_factor,
     ref_fim,
     ref_log_probs,
     ref_probs,
+    seeded_logits,
 )
 
 
-def _z(shape, kind="random", seed=0):
-    return make_logits(np.random.default_rng(seed), shape, kind)
+_z = seeded_logits
 
 
 def _close(actual, expected, tol, *, scale=1.0):

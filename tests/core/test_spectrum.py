@@ -20,17 +20,16 @@ from tests.core._reference import (
     eig_tol,
     eps,
     logits,
-    make_logits,
     max_p,
     product_tol,
     ref_eigh,
     ref_fim,
     ref_probs,
+    seeded_logits,
 )
 
 
-def _z(shape, kind="random", seed=0):
-    return make_logits(np.random.default_rng(seed), shape, kind)
+_z = seeded_logits
 
 
 # ----------------------------------------------------------------------------- eigh / eigvalsh
