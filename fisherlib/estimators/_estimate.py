@@ -37,8 +37,14 @@ class FisherEstimate:
     stderr
         Same layout as ``value`` (not for "sketch"). ``stderr_kind`` says what it is:
         "probes" (the spread of K >= 2 probes), "bound" (K = 1 Hutchinson: std <= √2·value,
-        theory.md §5.2), "exact" (0: no randomness), or "unavailable" (K = 1 Monte-Carlo,
+        and √(F̂_ii F̂_jj + F̂_ij²) off the diagonal of a block, theory.md §5.2), "exact" (0: no randomness), or "unavailable" (K = 1 Monte-Carlo,
         whose coefficient of variation is unbounded).
+    draws
+        What the estimate rests on: ``(seed, start, stop)`` triples, one per run of global
+        batches [start, stop) drawn with ``seed`` (None for deterministic methods, which record
+        their batches only when told where they lie: ``fisher(first_batch=...)``). ``merge``
+        refuses to count a batch with the same seed twice. An estimate built without it counts
+        as drawing every batch with its ``seed``.
     """
 
     names: list[str]
@@ -57,6 +63,12 @@ class FisherEstimate:
     seed: int | None = None
     block_shapes: dict = field(default_factory=dict)
     _tree: Callable | None = field(default=None, repr=False, compare=False)
+    draws: tuple = ()
+
+    def __post_init__(self):
+        if not self.draws and self.seed is not None and self.stderr_kind != "exact":
+            self.draws = ((self.seed, 0, _EVERY_BATCH),)  # unknown batches: assume all of them
+        self.draws = tuple(tuple(t) for t in self.draws)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -82,7 +94,7 @@ class FisherEstimate:
         if self.stderr_kind == "probes":
             return xp.std(x, axis=0, correction=1) / math.sqrt(K) * self._scale()
         if self.stderr_kind == "bound":
-            return math.sqrt(2.0) * xp.abs(xp.mean(x, axis=0)) * self._scale()
+            return _bound_stderr(xp.mean(x, axis=0), blocks=self.structure == "blocks", xp=xp) * self._scale()
         fill = 0.0 if self.stderr_kind == "exact" else math.nan
         return xp.full(x.shape[1:], fill, dtype=x.dtype, device=device(x))
 
@@ -122,14 +134,10 @@ class FisherEstimate:
                     f"other: cannot merge estimates with different {key} "
                     f"({getattr(self, key)!r} and {getattr(other, key)!r})"
                 )
-        if self.seed is not None and self.seed == other.seed:
-            raise ValueError(
-                f"other: both estimates were drawn with seed={self.seed}, so their probes repeat; "
-                "run each part of the data with its own seed"
-            )
+        draws = _join_draws(self.draws, other.draws)
         parts = [a + _like(b, a) for a, b in zip(self.parts, other.parts)]
         return replace(self, parts=parts, n_inputs=self.n_inputs + other.n_inputs,
-                       _tree=self._tree or other._tree)
+                       _tree=self._tree or other._tree, draws=draws)
 
     __add__ = merge
 
@@ -143,6 +151,7 @@ class FisherEstimate:
         meta = {k: getattr(self, k) for k in _META}
         meta["names"] = self.names
         meta["block_shapes"] = self.block_shapes
+        meta["draws"] = [list(t) for t in self.draws]
         arrays = {f"part{i}": _to_numpy(x) for i, x in enumerate(self.parts)}
         np.savez(path, __meta__=np.asarray(json.dumps(meta)), **arrays)
 
@@ -153,6 +162,7 @@ class FisherEstimate:
             meta = json.loads(str(f["__meta__"]))
             parts = [f[f"part{i}"] for i in range(len(meta["names"]))]
         names = meta.pop("names")
+        meta["block_shapes"] = {k: tuple(v) for k, v in meta["block_shapes"].items()}  # JSON lists
         return cls(names=names, parts=parts, **meta)
 
 
@@ -168,6 +178,43 @@ def stderr_kind(method: str, probes: int) -> str:
     if probes >= 2:
         return "probes"
     return "bound" if method == "hutchinson" else "unavailable"
+
+
+def _bound_stderr(m, *, blocks: bool, xp):
+    """The K = 1 Hutchinson error bar from the estimate ``m`` itself (theory.md §5.2).
+
+    Diagonal entries: std(F̂_ii) <= √2 F_ii. Off-diagonal entries of a block: std(F̂_ij) <=
+    √(F_ii F_jj + F_ij²), with the block's own diagonal estimates plugged in; √2·|F̂_ij| would
+    be far too small where F_ij is small against √(F_ii F_jj). On the diagonal both agree.
+    """
+    if not blocks:
+        return math.sqrt(2.0) * xp.abs(m)
+    eye = xp.eye(m.shape[-1], dtype=m.dtype, device=device(m))
+    d = xp.abs(xp.sum(m * eye, axis=-1))  # (..., S): the block's diagonal
+    return xp.sqrt(d[..., :, None] * d[..., None, :] + m * m)
+
+
+_EVERY_BATCH = 2**62  # stop of the range recorded when the batches are unknown
+
+
+def _join_draws(a: tuple, b: tuple) -> tuple:
+    """The union of two draw records; ValueError where they share a (seed, batch)."""
+    for seed, start, stop in a:
+        for seed2, start2, stop2 in b:
+            if seed == seed2 and start < stop2 and start2 < stop:
+                what = ("batches" if seed is None else f"draws of seed={seed} for batches")
+                lo, hi = max(start, start2), min(stop, stop2) - 1
+                span = "every batch" if hi >= _EVERY_BATCH - 1 else f"{lo}..{hi}"
+                raise ValueError(
+                    f"other: both estimates count the {what} {span}, so the merge would count them "
+                    "twice; give each part of the data its own seed or its own first_batch")
+    out: list[tuple] = []
+    for t in sorted(a + b, key=lambda t: (t[0] is None, t[0] or 0, t[1])):
+        if out and out[-1][0] == t[0] and out[-1][2] == t[1]:
+            out[-1] = (t[0], out[-1][1], t[2])
+        else:
+            out.append(tuple(t))
+    return tuple(out)
 
 
 def _to_numpy(x):

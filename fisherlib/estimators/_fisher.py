@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import time
 from typing import Any, Iterable
 
@@ -10,7 +12,7 @@ import numpy as np
 
 from .. import backends as _backends
 from ..core import cotangents
-from ..core._compat import array_namespace, is_eager, is_lazy_array, logits_problem
+from ..core._compat import array_namespace, as_floating, device, is_eager, logits_problem
 from . import _blocks
 from ._estimate import DETERMINISTIC, FisherEstimate, stderr_kind
 
@@ -41,6 +43,8 @@ def fisher(
     dist: str = "rademacher",
     per_example: bool | None = None,
     seed: int = 0,
+    first_batch: int | None = None,
+    batch_indices: Iterable[int] | None = None,
     reduction: str = "sum",
     blocks: Any = None,
     backend: Any = None,
@@ -77,7 +81,16 @@ def fisher(
         Square per-input gradients instead of batch sums (lower variance, N times the VJP
         work). Always on for "exact" and "empirical".
     seed : int
-        Seed of every random draw; batch b uses a seed derived from (seed, b).
+        Seed of every random draw; the batch with global index b uses a seed derived from
+        (seed, b), so its draws do not depend on which process or device runs it.
+    first_batch : int, optional
+        Global index of the first batch (the others follow: first_batch + 1, ...). A worker or
+        a resumed run over batches [k, k + n) of a longer stream passes ``first_batch=k`` and
+        draws exactly what one run over the whole stream draws for them. Default: 0 (random
+        methods); deterministic methods then record no batch range (see Notes).
+    batch_indices : iterable of int, optional
+        Global index of every batch, one per batch, all distinct (for strided shards, e.g.
+        ``range(rank, n_batches, world)``); exclusive with ``first_batch``.
     reduction : {"sum", "mean"}
         F as a sum over inputs (the paper's) or divided by their number.
     blocks
@@ -114,6 +127,11 @@ def fisher(
     which is why one VJP per batch suffices. For Rademacher ξ, Var(ĝ_i²) = 2(F_ii² − Σ_k w_ik⁴)
     <= 2F_ii² (theory.md §5.2), so the coefficient of variation is at most √(2/K).
 
+    The estimate records the draws it rests on (``FisherEstimate.draws``: seed and global batch
+    ranges), so that :meth:`FisherEstimate.merge` joins shards of one stream with one seed and
+    refuses to count a batch (or reuse a draw) twice. Deterministic methods record their batch
+    range only when ``first_batch`` or ``batch_indices`` says where it lies.
+
     References
     ----------
     K. Sun, "Deterministic Bounds and Random Estimates of Metric Tensors on Neuromanifolds",
@@ -134,6 +152,9 @@ def fisher(
     """
     opts = _validate(structure, method, likelihood, bound, rank, probes, dist, per_example, reduction,
                      blocks, seed, chunk_size)
+    probes, rank, seed = opts["probes"], opts["rank"], opts["seed"]  # NumPy integers become ints
+    index = _global_indices(first_batch, batch_indices, method in DETERMINISTIC)
+    done: list[int | None] = []  # global index of every batch run
     be = None
     parts: list[Array] | None = None
     n_inputs = 0
@@ -150,7 +171,8 @@ def fisher(
             sizes = [math.prod(shape) for shape in shapes]
             plan = _blocks.plan(names, shapes, blocks) if structure == "blocks" else None
         n = z.shape[0]
-        ct = _cotangent(be, z, labels, b, opts)  # (K, n, C)
+        done.append(next(index))
+        ct = _cotangent(be, z, labels, b, opts, done[-1])  # (K, n, C)
         if opts["per_example"]:
             contrib = _per_example(be, model, params, inputs, ct, opts, structure, plan, n, sum(sizes))
         else:
@@ -174,6 +196,7 @@ def fisher(
         n_probes=K, per_example=opts["per_example"], dist=dist if method == "hutchinson" else "none",
         stderr_kind=kind, seed=seed if not deterministic else None,
         block_shapes=_blocks.shapes_of(plan) if plan else {}, _tree=tree,
+        draws=_record(done, None if deterministic else seed),
     )
 
 
@@ -211,13 +234,9 @@ def _validate(structure, method, likelihood, bound, rank, probes, dist, per_exam
                                  ("reduction", reduction, REDUCTIONS)):
         if value not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
-    for name, value in (("probes", probes), ("rank", rank)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
+    probes, rank = _integer("probes", probes, 1), _integer("rank", rank, 1)
+    seed = _integer("seed", seed, 0)
+    chunk_size = None if chunk_size is None else _integer("chunk_size", chunk_size, 1)
     deterministic = method in DETERMINISTIC
     if bound is not None and method in ("mc", "empirical"):
         raise ValueError(f"bound: {bound!r} is estimated by method='hutchinson' or computed by "
@@ -242,6 +261,19 @@ def _validate(structure, method, likelihood, bound, rank, probes, dist, per_exam
     return {"method": method, "likelihood": likelihood, "bound": bound, "rank": rank, "probes": probes,
             "dist": dist, "per_example": bool(per_example) or deterministic, "seed": seed,
             "chunk_size": chunk_size}
+
+
+def _integer(name: str, value: Any, least: int) -> int:
+    """``value`` as an int (Python or NumPy integers; bools are not numbers here) >= ``least``."""
+    try:
+        if isinstance(value, bool) or type(value).__name__ == "bool_":
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}") from None
+    if number < least:
+        raise ValueError(f"{name}: expected an integer >= {least}, got {number}")
+    return number
 
 
 def _batches(batches: Any) -> Iterable[tuple[Any, Any]]:
@@ -284,6 +316,11 @@ def _check_logits(logits, b, likelihood):
     if logits.ndim < 2:
         raise ValueError(f"batches: batch {b} gave logits of shape {tuple(logits.shape)}; expected (N, C)")
     C = logits.shape[-1]
+    try:
+        as_floating(logits, "logits", xp)
+    except TypeError:
+        raise TypeError(f"batches: batch {b} gave logits of dtype {logits.dtype}; the model must "
+                        "return real floating logits") from None
     z = xp.reshape(logits, (-1, C))
     if is_eager(z):
         problem = logits_problem(z, xp, softmax=likelihood == "softmax", finite=likelihood == "sigmoid")
@@ -301,10 +338,53 @@ def _batch_seed(seed: int, b: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, b, stream]).generate_state(1)[0])
 
 
-def _cotangent(be, z, labels, b, opts):
+def _global_indices(first_batch, batch_indices, deterministic):
+    """Each batch's global index (None: unknown, for deterministic methods by default)."""
+    if first_batch is not None and batch_indices is not None:
+        raise ValueError("first_batch: give first_batch or batch_indices, not both")
+    if first_batch is not None and (isinstance(first_batch, bool) or not isinstance(first_batch, int)
+                                    or first_batch < 0):
+        raise ValueError(f"first_batch: expected a non-negative integer, got {first_batch!r}")
+    if batch_indices is None:
+        if first_batch is None and deterministic:
+            return itertools.repeat(None)
+        return itertools.count(first_batch or 0)
+    if isinstance(batch_indices, (str, bytes)) or not hasattr(batch_indices, "__iter__"):
+        raise TypeError(f"batch_indices: expected an iterable of integers, got "
+                        f"{type(batch_indices).__name__}")
+    return _checked_indices(batch_indices)
+
+
+def _checked_indices(batch_indices):
+    seen = set()
+    for i in batch_indices:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
+            raise ValueError(f"batch_indices: expected non-negative integers, got {i!r}")
+        if int(i) in seen:
+            raise ValueError(f"batch_indices: batch index {int(i)} appears twice (its draws would repeat)")
+        seen.add(int(i))
+        yield int(i)
+    raise ValueError("batch_indices: fewer indices than batches")
+
+
+def _record(indices, seed) -> tuple:
+    """(seed, start, stop) triples covering the known global batch indices."""
+    out: list[tuple] = []
+    for i in sorted(i for i in indices if i is not None):
+        if out and out[-1][2] == i:
+            out[-1] = (seed, out[-1][1], i + 1)
+        else:
+            out.append((seed, i, i + 1))
+    return tuple(out)
+
+
+def _cotangent(be, z, labels, b, opts, index=None):
     method, lik, K = opts["method"], opts["likelihood"], opts["probes"]
     n, C = z.shape
-    s = _batch_seed(opts["seed"], b)
+    if opts["bound"] == "lower" and opts["rank"] > C:
+        raise ValueError(f"rank: the lower envelope has at most C={C} eigenpairs (classes), "
+                         f"got rank={opts['rank']}")
+    s = _batch_seed(opts["seed"], b if index is None else index)
     if method == "exact":
         return cotangents.exact_columns(z, lik, opts["bound"], opts["rank"])
     if method == "empirical":
@@ -324,16 +404,20 @@ def _cotangent(be, z, labels, b, opts):
 
 def _labels(labels, z, likelihood, b):
     xp = array_namespace(z)
-    try:
-        y = xp.asarray(labels, device=None) if type(labels) is type(z) else xp.asarray(np.asarray(labels))
+    try:  # on the logits' device (a CUDA model with CPU labels)
+        y = xp.asarray(labels if type(labels) is type(z) else np.asarray(labels), device=device(z))
     except Exception as e:  # noqa: BLE001 - any conversion failure is a bad label array
         raise TypeError(f"batches: batch {b} labels could not be read as an array: {e}") from None
     n, C = z.shape
+    if likelihood == "softmax" and not xp.isdtype(y.dtype, "integral"):
+        # 1.5 (or True) matches no class: the residual would silently be -p.
+        raise TypeError(f"batches: batch {b} labels have dtype {y.dtype}; expected integer class "
+                        "indices for likelihood='softmax'")
     want = (n,) if likelihood == "softmax" else (n, C)
     if tuple(y.shape) != want:
         raise ValueError(f"batches: batch {b} labels have shape {tuple(y.shape)}; expected {want} "
                          f"for {n} inputs and likelihood={likelihood!r}")
-    if not is_lazy_array(y):
+    if is_eager(y):  # concrete JAX arrays too; only traced labels go unchecked
         if likelihood == "softmax" and bool(xp.any((y < 0) | (y >= C))):
             raise ValueError(f"batches: batch {b} has labels outside 0..{C - 1}")
         if likelihood == "sigmoid" and bool(xp.any((y != 0) & (y != 1))):
@@ -352,7 +436,7 @@ def _per_example(be, model, params, inputs, ct, opts, structure, plan, n, P):
     for i in range(0, n, chunk):
         j = min(i + chunk, n)
         for k in range(0, K, kchunk):
-            tree = be.per_example_vjp(model, params, inputs[i:j], ct[k:k + kchunk, i:j, :])
+            tree = be.per_example_vjp(model, params, inputs[i:j, ...], ct[k:k + kchunk, i:j, :])
             grads = [g for _, g in be.leaves(tree)]
             c = _accumulate(grads, structure, plan, sum_probes=summed)
             total = c if total is None else [a + x for a, x in zip(total, c)]
