@@ -12,6 +12,7 @@ import warnings
 from typing import Any, Callable
 
 import torch
+from array_api_compat import is_array_api_obj
 from torch import nn
 
 from ._common import (
@@ -33,6 +34,26 @@ __all__ = ["TorchBackend"]
 def _is_leaf(x: Any) -> bool:
     # Only floating tensors are differentiable parameters; integer buffers stay as they are.
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+
+
+def _check_foreign_leaves(params: Tree) -> None:
+    """TypeError for a floating array of another framework in a parameter tree.
+
+    ``flatten`` skips what is not a torch tensor, so a NumPy (or JAX, CuPy) weight would be
+    silently left out of the Fisher while the model still uses it as a constant.
+    """
+    def foreign(x):
+        if isinstance(x, torch.Tensor) or not is_array_api_obj(x):
+            return False
+        return getattr(getattr(x, "dtype", None), "kind", "f") in "fc"  # integer arrays may be indices
+
+    for name, leaf in zip(*flatten(params, lambda x: isinstance(x, torch.Tensor) or foreign(x))):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"params: leaf {name!r} is a {type(leaf).__module__}.{type(leaf).__name__} of dtype "
+                f"{leaf.dtype}, not a torch tensor, so it would be left out of the Fisher; convert "
+                "it with torch.as_tensor"
+            )
 
 
 def _warn_batchnorm(model: nn.Module) -> None:
@@ -61,6 +82,10 @@ class TorchBackend:
         Pull a stack of K cotangents back in one batched call (default). ``False`` loops over
         them instead: on a CPU, convolution- and attention-heavy models can be faster that way
         (``docs/benchmarks.md``); the results are the same.
+    layer_io : bool
+        Offer :meth:`layer_io` (default), so that per-example methods work from each recognised
+        layer's input and output cotangents (``docs/per-example.md``); ``False`` leaves the
+        generic per-example VJP (``torch.func.vmap`` of the whole model) for every parameter.
 
     Notes
     -----
@@ -77,10 +102,13 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, *, chunk_size: int | None = None, warn_batchnorm: bool = True, batch_probes: bool = True):
+    def __init__(self, *, chunk_size: int | None = None, warn_batchnorm: bool = True, batch_probes: bool = True,
+                 layer_io: bool = True):
         self.chunk_size = chunk_size
         self.warn_batchnorm = warn_batchnorm
         self.batch_probes = batch_probes
+        if not layer_io:  # the capability is absent: the estimators take the generic per-example VJP
+            self.layer_io = None
 
     # -- the model as a function of its parameter leaves -------------------------------------
 
@@ -100,6 +128,7 @@ class TorchBackend:
                 if own:  # autograd straight through the module's own parameters
                     return (lambda ls, x: model(x)), leaves, rebuild
             else:
+                _check_foreign_leaves(params)
                 names, leaves = flatten(params, _is_leaf)
 
                 def rebuild(grads):
@@ -113,6 +142,7 @@ class TorchBackend:
             raise TypeError("params: required when the model is a callable f(params, x) and not an nn.Module")
         if not callable(model):
             raise TypeError(f"model: expected an nn.Module or a callable f(params, x), got {type(model).__name__}")
+        _check_foreign_leaves(params)
         _, leaves = flatten(params, _is_leaf)
 
         def call(ls, x):
@@ -193,6 +223,35 @@ class TorchBackend:
         )(inputs, cotangents)
         return rebuild(list(rows))
 
+    def layer_io(self, model: Any, params: Tree, inputs: Any):
+        """One forward with hooks: (detached logits, ``capture``), for layer-wise per-example products.
+
+        ``capture(ct)`` pulls a stack ``ct`` (V, *logits.shape) back to the output of every
+        recognised layer in one batched backward and returns :class:`fisherlib.core.layers.Layer`
+        records; ``capture.uncovered`` names the leaves no recognised layer owns (see
+        :mod:`fisherlib.backends.torch_layers`). Only for ``nn.Module`` models; a plain callable
+        has no layers to recognise, so every leaf is uncovered.
+        """
+        from . import torch_layers
+
+        call, _, _ = self._split(model, params, own=True)
+
+        def run(leaves, x):
+            out = call(leaves, x)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"model: expected a tensor of logits, got {type(out).__name__}")
+            return out
+
+        return torch_layers.capture(self, model, params, inputs, run)
+
+    def _tracked(self, model: Any, params: Tree) -> tuple[list[str], list[torch.Tensor]]:
+        """Names and the tensors the forward of :meth:`layer_io` differentiates with respect to."""
+        _, leaves, _ = self._split(model, params, own=True)
+        names = [n for n, _ in self.leaves(self.parameters(model, params))]
+        if not (isinstance(model, nn.Module) and params is None):
+            leaves = [t.detach().requires_grad_(True) for t in leaves]
+        return names, leaves
+
     def probes(self, seed: int, shape: tuple[int, ...], dist: str, like: torch.Tensor) -> torch.Tensor:
         """Rademacher, Gaussian or uniform values from a ``torch.Generator`` seeded with ``seed``.
 
@@ -231,3 +290,69 @@ class TorchBackend:
 
     def __repr__(self) -> str:
         return f"<fisherlib backend {self.name!r}>"
+
+    # -- optional capability: Jacobian-vector products (fisherlib.spectral) --------------------
+
+    def jvp(self, model: Any, params: Tree, inputs: Any, tangents: Tree) -> torch.Tensor:
+        """J t: the logits' change along ``tangents``, by forward mode (``torch.func.jvp``).
+
+        ``tangents`` is shaped like the gradients (a dict by parameter name for a module with
+        ``params=None``), or has a leading axis K on every leaf for K directions at once: then
+        the result is (K, *logits.shape), from one ``torch.func.vmap`` of the JVP (a loop with
+        ``batch_probes=False``).
+        """
+        call, leaves, _ = self._split(model, params, own=False)
+        leaves = tuple(t.detach() for t in leaves)
+        if isinstance(model, nn.Module) and params is None:
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            if not hasattr(tangents, "keys"):
+                raise TypeError(f"tangents: expected a dict by parameter name, got {type(tangents).__name__}")
+            missing = [n for n in names if n not in tangents]
+            if missing:
+                raise ValueError(f"tangents: missing {missing}")
+            ts = [tangents[n] for n in names]
+        else:
+            ts = flatten(tangents, _is_leaf)[1]
+        batched = _check_tangents(ts, leaves)
+
+        def one(*t):
+            return torch.func.jvp(lambda *ls: call(ls, inputs), leaves, t)[1]
+
+        if not batched:
+            return one(*ts)
+        if self.batch_probes:
+            return torch.func.vmap(one)(*ts)
+        return torch.stack([one(*[t[k] for t in ts]) for k in range(ts[0].shape[0])])
+
+
+    # -- optional capability: training-loop reuse (fisherlib.estimators.RunningFisher) ----------
+
+    def loss_linearize(self, model: Any, params: Tree, inputs: Any, loss: Callable,
+                       targets: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable]:
+        """The training step's forward: (detached logits, loss value, ∂loss/∂logits, ``vjp``).
+
+        ``loss(logits, targets)`` returns a scalar tensor. Its logit cotangent comes from a
+        backward through the loss alone (on detached logits), so that the caller can stack it
+        with probe cotangents and pull all of them back through the network in ONE ``vjp`` call
+        (``is_grads_batched``) of this forward.
+        """
+        logits, vjp = self.linearize(model, params, inputs)
+        z = logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = loss(z, targets)
+        if not isinstance(value, torch.Tensor) or value.ndim != 0:
+            raise TypeError(f"loss: expected a scalar tensor, got {getattr(value, 'shape', type(value).__name__)}")
+        (ct,) = torch.autograd.grad(value, z)
+        return logits, value.detach(), ct, vjp
+
+def _check_tangents(ts: list, leaves) -> bool:
+    """True when every tangent has a leading axis K in front of its parameter's shape."""
+    if len(ts) != len(leaves):
+        raise ValueError(f"tangents: expected {len(leaves)} leaves, got {len(ts)}")
+    shapes = [tuple(p.shape) for p in leaves]
+    got = [tuple(t.shape) for t in ts]
+    if got == shapes:
+        return False
+    if all(len(g) == len(s) + 1 and g[1:] == s for g, s in zip(got, shapes)) and len({g[0] for g in got}) == 1:
+        return True
+    raise ValueError(f"tangents: expected leaves shaped {shapes}, or all with one leading K, got {got}")

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import hypercube, simplex
 from ._compat import check_logits, device, namespace_of
-from ._lib import log_sigmoid, log_softmax
+from ._lib import log_sigmoid, log_softmax, restore
 
 Array = Any
 
@@ -64,32 +64,43 @@ def lower_bound(z: Array, xi: Array) -> Array:
     return xp.matmul(w, xi[..., None])[..., 0]
 
 
-def exact_columns(z: Array, likelihood: str = "softmax", bound: str | None = None, rank: int = 1) -> Array:
+def exact_columns(z: Array, likelihood: str = "softmax", bound: str | None = None, rank: int = 1,
+                  columns: tuple[int, int] | None = None) -> Array:
     """Columns (M, N, C) of a factor of I(z) (or of a bound), so that Σ_m u_m u_mᵀ is exact.
 
-    softmax: the C columns of B; ``bound="upper"``: those of diag(√p); ``bound="lower"``: the
-    ``rank`` columns √λ_j v_j. sigmoid: the C columns of diag(√σ').
+    softmax: the C columns of B (column k is √p_k (e_k − p)); ``bound="upper"``: those of
+    diag(√p); ``bound="lower"``: the ``rank`` columns √λ_j v_j. sigmoid: the C columns of
+    diag(√σ'). ``columns=(start, stop)`` gives only columns start..stop-1, so that a caller can
+    go through the C columns in chunks without ever holding the dense (C, N, C) stack.
     """
-    xp, zw, _ = check_logits(z, softmax=likelihood == "softmax")
+    xp, zw, dtype = check_logits(z, softmax=likelihood == "softmax")
     _likelihood(likelihood)
-    if likelihood == "sigmoid":
-        cols = _diag_columns(xp.sqrt(hypercube.fim(z)), xp=xp)
-    elif bound is None:
-        cols = xp.permute_dims(simplex.factor(z), (2, 0, 1))
-    elif bound == "upper":
-        cols = _diag_columns(xp.sqrt(simplex.probs(z)), xp=xp)
-    else:
+    M = rank if (likelihood == "softmax" and bound == "lower") else zw.shape[-1]
+    start, stop = (0, M) if columns is None else columns
+    if not 0 <= start <= stop <= M:
+        raise ValueError(f"columns: expected 0 <= start <= stop <= {M}, got {columns}")
+    if likelihood == "softmax" and bound == "lower":
         lam, vec = simplex.top_eigpair(z, k=rank)
         if rank == 1:
             lam, vec = lam[..., None], vec[..., None]
         cols = xp.permute_dims(vec * xp.sqrt(xp.clip(lam, min=0.0))[..., None, :], (2, 0, 1))
-    return cols
+        return cols[start:stop, ...]
+    onehot = _onehot_rows(start, stop, zw.shape[-1], zw, xp=xp)  # (m, 1, C)
+    if likelihood == "sigmoid":
+        s = xp.sqrt(hypercube.fim(z))
+    else:
+        logp = log_softmax(zw, xp=xp)
+        s = xp.exp(0.5 * logp)
+    sk = xp.permute_dims(s[:, start:stop], (1, 0))[..., None]  # (m, N, 1)
+    if likelihood == "sigmoid" or bound == "upper":
+        return restore(onehot * sk, dtype, xp=xp)
+    p = xp.exp(logp)
+    return restore(onehot * sk - p[None, ...] * sk, dtype, xp=xp)  # √p_k (e_k − p), as factor() has it
 
 
-def _diag_columns(s, *, xp):
-    C = s.shape[-1]
-    eye = xp.eye(C, dtype=s.dtype, device=device(s))
-    return eye[:, None, :] * s[None, ...]
+def _onehot_rows(start, stop, C, like, *, xp):
+    k = xp.arange(start, stop, device=device(like))
+    return xp.astype(k[:, None, None] == xp.arange(C, device=device(like))[None, None, :], like.dtype)
 
 
 def sample_labels(z: Array, u: Array, likelihood: str = "softmax") -> Array:

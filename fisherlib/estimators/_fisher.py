@@ -13,7 +13,7 @@ import numpy as np
 from .. import backends as _backends
 from ..core import cotangents
 from ..core._compat import array_namespace, as_floating, device, is_eager, logits_problem
-from . import _blocks
+from . import _blocks, _products
 from ._estimate import DETERMINISTIC, FisherEstimate, stderr_kind
 
 Array = Any
@@ -25,8 +25,6 @@ STRUCTURES = ("diag", "blocks", "sketch", "trace")
 BOUNDS = (None, "upper", "lower")
 DISTS = ("rademacher", "gaussian")
 REDUCTIONS = ("sum", "mean")
-# Elements of per-example gradients (probes x inputs x parameters) held at once.
-_PER_EXAMPLE_ELEMENTS = 1 << 24
 
 
 def fisher(
@@ -162,22 +160,29 @@ def fisher(
     for b, (inputs, labels) in enumerate(bar):
         if be is None:  # a module with params=None is identified by its inputs
             be = _resolve_backend(backend, params if params is not None else inputs)
-        logits, vjp = be.linearize(model, params, inputs)
+        # Per-example methods run the layer-I/O forward where the adapter has one.
+        got = _products.forward(be, model, params, inputs) if opts["per_example"] else None
+        logits, vjp, capture = (got[0], None, got[1]) if got else (*be.linearize(model, params, inputs), None)
         z, C = _check_logits(logits, b, likelihood)
         if parts is None:
-            template = _parameter_tree(be, model, params, z, logits, vjp)
+            template = _parameter_tree(be, model, params, logits, vjp, inputs)
             names = [n for n, _ in be.leaves(template)]
             shapes = [tuple(x.shape) for _, x in be.leaves(template)]
-            sizes = [math.prod(shape) for shape in shapes]
             plan = _blocks.plan(names, shapes, blocks) if structure == "blocks" else None
         n = z.shape[0]
         done.append(next(index))
-        ct = _cotangent(be, z, labels, b, opts, done[-1])  # (K, n, C)
-        if opts["per_example"]:
-            contrib = _per_example(be, model, params, inputs, ct, opts, structure, plan, n, sum(sizes))
+        if method == "exact":  # the C columns in chunks, never the dense (C, n, C) stack
+            per_column = max(z.shape[0] * C, capture.elements if capture is not None else 0)
+            cts = _products.column_chunks(z, tuple(logits.shape), opts, _products.ELEMENTS // per_column)
         else:
-            grads = [g for _, g in be.leaves(vjp(_reshape_like(ct, logits)))]
-            contrib = _accumulate([g[:, None, ...] for g in grads], structure, plan, sum_probes=False)
+            cts = [_reshape_like(_cotangent(be, z, labels, b, opts, done[-1]), logits)]  # (K, *logits.shape)
+        if opts["per_example"]:
+            contrib = _products.per_example(
+                be, model, params, inputs, cts, capture, structure=structure, plan=plan, shapes=shapes,
+                names=names, summed=method in DETERMINISTIC, chunk_size=opts["chunk_size"])
+        else:
+            grads = [g for _, g in be.leaves(vjp(cts[0]))]
+            contrib = _products.accumulate([g[:, None, ...] for g in grads], structure, plan, sum_probes=False)
         parts = contrib if parts is None else [a + c for a, c in zip(parts, contrib)]
         n_inputs += n
         bar.inputs(n_inputs)
@@ -211,17 +216,21 @@ def _resolve_backend(backend, params):
     return backend
 
 
-def _parameter_tree(be, model, params, z, logits, vjp):
+def _parameter_tree(be, model, params, logits, vjp, inputs):
     """The tree gradients are shaped like: ``params``, or a model's own (``params=None``).
 
     Adapters may say what a model owns (``be.parameters``); otherwise one pull-back of zeros
-    shows it, at the cost of one more VJP.
+    shows it, at the cost of one more VJP (and one more forward after a layer-I/O forward).
     """
     if params is not None:
         return params
     own = getattr(be, "parameters", None)
     if own is not None:
         return own(model, None)
+    if vjp is None:
+        logits, vjp = be.linearize(model, params, inputs)
+    xp = array_namespace(logits)
+    z = xp.reshape(logits, (-1, logits.shape[-1]))
     g = vjp(_reshape_like(z[None, ...] * 0, logits))
     return be.unflatten(g, [x[0, ...] for _, x in be.leaves(g)])
 
@@ -423,47 +432,3 @@ def _labels(labels, z, likelihood, b):
         if likelihood == "sigmoid" and bool(xp.any((y != 0) & (y != 1))):
             raise ValueError(f"batches: batch {b} has multi-label targets other than 0 and 1")
     return y
-
-
-def _per_example(be, model, params, inputs, ct, opts, structure, plan, n, P):
-    K = ct.shape[0]
-    chunk = opts["chunk_size"] or max(1, _PER_EXAMPLE_ELEMENTS // max(1, K * P))
-    summed = opts["method"] in DETERMINISTIC
-    # Summed columns (exact: K = C of them) are also split along K when even one input's K
-    # gradients exceed the budget (at C = 1000 and P = 5e5 one input held 2 GB at once).
-    kchunk = K if not summed or opts["chunk_size"] else max(1, min(K, _PER_EXAMPLE_ELEMENTS // max(1, P)))
-    total = None
-    for i in range(0, n, chunk):
-        j = min(i + chunk, n)
-        for k in range(0, K, kchunk):
-            tree = be.per_example_vjp(model, params, inputs[i:j, ...], ct[k:k + kchunk, i:j, :])
-            grads = [g for _, g in be.leaves(tree)]
-            c = _accumulate(grads, structure, plan, sum_probes=summed)
-            total = c if total is None else [a + x for a, x in zip(total, c)]
-    return total
-
-
-def _accumulate(grads, structure, plan, *, sum_probes):
-    """Per-probe contributions from gradients (K, M, *leaf): sum over the M rank-one terms."""
-    xp = array_namespace(*grads)
-    grads = [_widen(g, xp) for g in grads]
-    if structure == "diag":
-        out = [xp.sum(g * g, axis=1) for g in grads]
-    elif structure == "sketch":
-        out = [xp.sum(g, axis=1) for g in grads]
-    elif structure == "trace":
-        out = [sum(xp.sum(xp.reshape(g * g, (g.shape[0], -1)), axis=1) for g in grads)]
-    else:
-        out = []
-        for blk in plan:
-            u = xp.permute_dims(_blocks.vectors(blk, grads, xp=xp), (0, 2, 3, 1))  # (K, U, S, M)
-            m = xp.matmul(u, xp.matrix_transpose(u))
-            out.append(m[:, 0, ...] if blk.units == 1 else m)
-    if sum_probes:
-        out = [xp.sum(x, axis=0, keepdims=True) for x in out]
-    return out
-
-
-def _widen(g, xp):
-    """Reduced precisions accumulate in float32."""
-    return g if g.dtype in (xp.float32, xp.float64) else xp.astype(g, xp.float32)
