@@ -54,6 +54,9 @@ def _spectrum(z, first: int | None, *, steps, vectors, xp, block=None, early_sto
     first = 0 if first is None else first
     S = C - first
     n = math.prod(batch)
+    if n == 0:  # no rows (an empty batch): nothing to solve, and no block to concatenate
+        empty = xp.zeros((*batch, S), dtype=z.dtype, device=device(z))
+        return empty, (xp.zeros((*batch, S, C), dtype=z.dtype, device=device(z)) if vectors else None)
     logp = xp.reshape(log_softmax(z, xp=xp), (n, C))
     perm = xp.argsort(logp, axis=-1)
     d = xp.exp(xp.take_along_axis(logp, perm, axis=-1))

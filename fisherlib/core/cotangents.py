@@ -76,6 +76,9 @@ def exact_columns(z: Array, likelihood: str = "softmax", bound: str | None = Non
     xp, zw, dtype = check_logits(z, softmax=likelihood == "softmax")
     _likelihood(likelihood)
     M = rank if (likelihood == "softmax" and bound == "lower") else zw.shape[-1]
+    if M == rank and bound == "lower" and not 1 <= rank <= zw.shape[-1]:  # else top_eigpair's "k:"
+        raise ValueError(f"rank: the lower envelope has at most C={zw.shape[-1]} eigenpairs (classes), "
+                         f"got rank={rank}")
     start, stop = (0, M) if columns is None else columns
     if not 0 <= start <= stop <= M:
         raise ValueError(f"columns: expected 0 <= start <= stop <= {M}, got {columns}")
