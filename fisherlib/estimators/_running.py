@@ -1,0 +1,424 @@
+"""The Fisher inside the training loop: probes pulled back with the loss gradient, averaged over steps.
+
+Per training step on a batch of N inputs, the loss cotangent ∂L/∂z and K Hutchinson cotangents
+B(p̃)ξ_k are stacked into one (1 + K, N, C) array and pulled back in ONE batched backward of the
+step's own forward pass. Row 0 is the loss gradient; rows 1..K are probe gradients
+g_k = Σ_x J_xᵀ B_x ξ_x with E[g_k g_kᵀ] = F (the batch's Fisher, a sum over inputs), so every
+entry of g_k g_kᵀ / N is an unbiased estimate of the same entry of the per-input mean Fisher:
+
+=============  ===============================================  ========================
+structure      terms kept (each a mean over the K probes)        memory
+=============  ===============================================  ========================
+"diag"         g_i²                                              P
+"quasidiag"    g_i², and per unit g_{w_j} g_b (bias–weight)      ≈ 2P
+"unitwise"     per unit the (n+1)² block of (g_w, g_b)           Σ_units (n+1)²
+"blocks"       per leaf its dense block g gᵀ                     Σ_leaves P_leaf²
+=============  ===============================================  ========================
+
+The terms are averaged over steps with weights: m ← β m + α q, W ← β W + α, W₂ ← β² W₂ + α²,
+with (β, α) = (decay, 1 − decay) for an exponential moving average or (1, 1) for a plain
+running mean (``decay=None``). The estimate is m / W (bias-corrected EMA), and its standard
+error treats the steps' terms as independent draws of variance σ² (estimated from a
+second-moment average s the same way): se = √((s/W − (m/W)²) · W₂ / W² / K). Since θ moves, the
+drift of F over the averaging window enters σ² too: the error bar is then conservative for the
+current F only if F changes slowly over ~1/(1 − β) steps.
+
+The functions here are pure (state in, state out, arrays of any Array API namespace), so that
+an optax transformation can run them under ``jax.jit``; :class:`RunningFisher` wraps them for
+eager use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .. import backends as _backends
+from ..core import cotangents
+from ..core._compat import array_namespace, device
+from ..core._lib import log_softmax
+from . import _blocks
+
+Array = Any
+
+__all__ = ["Layout", "RunningFisher", "Unit", "from_units", "init_state", "layout", "probe_terms", "to_units",
+           "units", "update_state"]
+
+STRUCTURES = ("diag", "quasidiag", "unitwise", "blocks")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A weight leaf split per output unit along ``axis`` (0: torch's (out, in); -1: flax's
+    (in, out) kernels), with the index of its bias leaf (shape (units,)) or None."""
+
+    name: str
+    weight: int
+    bias: int | None
+    axis: int
+    units: int
+    fan_in: int
+
+    @property
+    def size(self) -> int:
+        return self.fan_in + (self.bias is not None)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which terms a running estimate keeps, from the parameter leaves' names and shapes.
+
+    ``units`` are the weight leaves (two or more axes) split per output unit, each with its bias
+    leaf when one is found (:func:`units`); ``keys`` name the state's term arrays:
+    ``"diag:<leaf>"``, ``"cross:<weight>"`` (U, n), ``"unit:<weight>"`` (U, S, S),
+    ``"block:<leaf>"`` (P, P).
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    structure: str
+    units: tuple[Unit, ...]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        s = self.structure
+        if s == "blocks":
+            return tuple(f"block:{n}" for n in self.names)
+        if s in ("diag", "quasidiag"):
+            out = [f"diag:{n}" for n in self.names]
+        else:
+            in_units = {i for u in self.units for i in (u.weight, u.bias) if i is not None}
+            out = [f"diag:{n}" for i, n in enumerate(self.names) if i not in in_units]
+        if s == "quasidiag":
+            out += [f"cross:{u.name}" for u in self.units if u.bias is not None]
+        if s == "unitwise":
+            out += [f"unit:{u.name}" for u in self.units]
+        return tuple(out)
+
+    def unit(self, name: str) -> Unit:
+        return next(u for u in self.units if u.name == name)
+
+
+def units(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> tuple[Unit, ...]:
+    """Split every leaf with two or more axes into output units and pair it with its bias.
+
+    The bias is a 1-D leaf named like the weight ("weight"→"bias", "kernel"→"bias",
+    "w"→"b" in the last name component), else the next leaf; it decides the unit axis: its
+    length equals the weight's first axis (torch ``Linear``/``Conv``: (out, in, ...)) or last
+    axis (flax ``Dense``/``Conv`` kernels: (..., in, out)). Without a bias the first axis is
+    the unit axis.
+    """
+    out, taken = [], set()
+    for i, (n, s) in enumerate(zip(names, shapes)):
+        if len(s) < 2:
+            continue
+        head, _, last = n.rpartition(".")
+        guesses = {last.replace("weight", "bias"), last.replace("kernel", "bias"), last.replace("w", "b")} - {last}
+        cands = [j for j, m in enumerate(names) if j not in taken and len(shapes[j]) == 1
+                 and m.rpartition(".")[0] == head and m.rpartition(".")[2] in guesses]
+        if not cands and i + 1 < len(names) and len(shapes[i + 1]) == 1 and (i + 1) not in taken:
+            cands = [i + 1]
+        bias, axis = None, 0
+        for j in cands:
+            if shapes[j][0] == s[0]:
+                bias, axis = j, 0
+            elif shapes[j][0] == s[-1]:
+                bias, axis = j, -1
+            if bias is not None:
+                break
+        if bias is not None:
+            taken.add(bias)
+        U = s[axis]
+        out.append(Unit(n, i, bias, axis, U, math.prod(s) // U))
+    return tuple(out)
+
+
+def to_units(u: Unit, weight: Array, bias: Array | None, *, lead: int = 0) -> Array:
+    """(..., U, S): each unit's weights (flattened), then its bias; ``lead`` leading axes kept."""
+    xp = array_namespace(weight)
+    w = weight if u.axis == 0 else xp.moveaxis(weight, -1, lead)
+    w = xp.reshape(w, (*weight.shape[:lead], u.units, u.fan_in))
+    return w if bias is None else xp.concat([w, bias[..., None]], axis=-1)
+
+
+def from_units(u: Unit, v: Array, shape: tuple[int, ...], *, bias: bool = True) -> tuple[Array, Array | None]:
+    """Inverse of :func:`to_units` (no leading axes): (weight shaped ``shape``, bias or None).
+
+    ``bias=False``: ``v`` holds the weights only (U, n)."""
+    xp = array_namespace(v)
+    w, b = (v[..., :-1], v[..., -1]) if (u.bias is not None and bias) else (v, None)
+    if u.axis == 0:
+        return xp.reshape(w, shape), b
+    return xp.moveaxis(xp.reshape(w, (shape[-1], *shape[:-1])), 0, -1), b
+
+
+def layout(names: Sequence[str], shapes: Sequence[tuple[int, ...]], structure: str = "diag") -> Layout:
+    """The :class:`Layout` of a running estimate of ``structure`` over these leaves."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
+    names, shapes = tuple(names), tuple(tuple(int(d) for d in s) for s in shapes)
+    found = units(names, shapes) if structure != "blocks" else ()
+    for u in found if structure == "unitwise" else ():
+        if u.size > _blocks.MAX_BLOCK:
+            raise ValueError(f"structure: unit blocks of {u.name!r} have size {u.size} > {_blocks.MAX_BLOCK}")
+    for n, s in zip(names, shapes) if structure == "blocks" else ():
+        if math.prod(s) > _blocks.MAX_BLOCK:
+            raise ValueError(f"structure: leaf {n!r} has {math.prod(s)} entries; dense blocks larger than "
+                             f"{_blocks.MAX_BLOCK} are refused (use 'unitwise' or 'quasidiag')")
+    return Layout(names, shapes, structure, found)
+
+
+def probe_terms(lay: Layout, grads: Sequence[Array], n: int) -> dict[str, Array]:
+    """Per-probe terms (K, ...) of the estimate from probe gradients ``grads`` (K, *leaf), / n."""
+    xp = array_namespace(*grads)
+    index = {name: i for i, name in enumerate(lay.names)}
+    out: dict[str, Array] = {}
+    for key in lay.keys:
+        kind, name = key.split(":", 1)
+        i = index[name]
+        g = grads[i]
+        if kind == "diag":
+            out[key] = g * g / n
+        elif kind == "block":
+            v = xp.reshape(g, (g.shape[0], -1))
+            out[key] = v[:, :, None] * v[:, None, :] / n
+        else:
+            u = lay.unit(name)
+            v = to_units(u, g, None if u.bias is None else grads[u.bias], lead=1)  # (K, U, S)
+            if kind == "cross":
+                out[key] = v[..., :-1] * v[..., -1:] / n
+            else:
+                out[key] = xp.matmul(v[..., :, None], v[..., None, :]) / n
+    return out
+
+
+def init_state(lay: Layout, like: Array) -> dict[str, Any]:
+    """Zero state (``m``, ``s`` per term; weights ``w``, ``w2``; step count ``t``) on ``like``'s device."""
+    xp = array_namespace(like)
+    dt, dev = like.dtype, device(like)
+    zeros = {}
+    for key in lay.keys:
+        kind, name = key.split(":", 1)
+        shape = _term_shape(lay, kind, name)
+        zeros[key] = xp.zeros(shape, dtype=dt, device=dev)
+    scalar = xp.zeros((), dtype=dt, device=dev)
+    return {"m": dict(zeros), "s": {k: v for k, v in zeros.items()}, "w": scalar, "w2": scalar,
+            "t": xp.zeros((), dtype=dt, device=dev)}
+
+
+def _term_shape(lay: Layout, kind: str, name: str) -> tuple[int, ...]:
+    shape = lay.shapes[lay.names.index(name)]
+    if kind == "diag":
+        return shape
+    if kind == "block":
+        P = math.prod(shape)
+        return (P, P)
+    u = lay.unit(name)
+    return (u.units, u.fan_in) if kind == "cross" else (u.units, u.size, u.size)
+
+
+def update_state(lay: Layout, state: dict, grads: Sequence[Array], n: int, decay: float | None) -> dict:
+    """New state after one step's probe gradients ``grads`` (K, *leaf) over ``n`` inputs."""
+    beta, alpha = (1.0, 1.0) if decay is None else (float(decay), 1.0 - float(decay))
+    terms = probe_terms(lay, grads, n)
+    xp = array_namespace(*terms.values())
+    m, s = {}, {}
+    for key, q in terms.items():
+        m[key] = beta * state["m"][key] + alpha * xp.mean(q, axis=0)
+        s[key] = beta * state["s"][key] + alpha * xp.mean(q * q, axis=0)
+    return {"m": m, "s": s, "w": beta * state["w"] + alpha, "w2": beta * beta * state["w2"] + alpha * alpha,
+            "t": state["t"] + 1}
+
+
+def state_value(state: dict) -> dict[str, Array]:
+    """The estimate m / W of every term (zeros before the first step)."""
+    w = state["w"]
+    return {k: v / (w + (w == 0)) for k, v in state["m"].items()}
+
+
+def state_stderr(state: dict, probes: int) -> dict[str, Array]:
+    """The standard error of every term (see the module's notes)."""
+    w, w2 = state["w"], state["w2"]
+    out = {}
+    for k, m in state["m"].items():
+        xp = array_namespace(m)
+        safe = w + (w == 0)
+        mean = m / safe
+        var = xp.clip(state["s"][k] / safe - mean * mean, min=0.0)
+        out[k] = xp.sqrt(var * w2 / (safe * safe) / probes)
+    return out
+
+
+class RunningFisher:
+    """A running (EMA or cumulative) Fisher estimate fed by the training step's own backward pass.
+
+    Parameters
+    ----------
+    structure : {"diag", "quasidiag", "unitwise", "blocks"}
+        Terms to keep (module notes): enough for the diagonal, quasi-diagonal / Ollivier,
+        unit-wise and per-layer preconditioners of :mod:`fisherlib.natural`.
+    probes : int
+        K, Hutchinson probes per step, pulled back in the same batched backward as the loss.
+    decay : float or None
+        EMA decay β in [0, 1); ``None`` keeps a plain running mean over all steps.
+    dist : {"rademacher", "gaussian"}
+    seed : int
+        Step t draws its probes from a seed derived from (seed, t).
+    backend
+        A backend name or object; default: inferred from the parameters.
+
+    Notes
+    -----
+    Cost per step: the forward pass of the training step and one batched backward of 1 + K
+    cotangents (torch ``is_grads_batched``, JAX ``vmap`` of the pullback), plus O(N·C) for the
+    cotangents and the terms' memory. Bias: each step's terms are unbiased for the per-input
+    mean Fisher at that step's θ; the EMA weights recent steps. Variance of a diagonal entry of
+    one step: ≤ 2 F_ii² / K (Rademacher), divided by the effective number of steps W²/W₂.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fisherlib.estimators import RunningFisher
+    >>> from fisherlib.models import Linear
+    >>> model = Linear(4, 3); params = model.init(seed=0, like=np.zeros(1))
+    >>> x, y = np.random.default_rng(0).normal(size=(32, 4)), np.arange(32) % 3
+    >>> rf = RunningFisher("quasidiag", probes=2, decay=0.9)
+    >>> loss, grads = rf.step(model, params, x, y)
+    >>> sorted(rf.value)
+    ['cross:weight', 'diag:bias', 'diag:weight']
+    """
+
+    def __init__(self, structure: str = "diag", *, probes: int = 1, decay: float | None = 0.95,
+                 dist: str = "rademacher", likelihood: str = "softmax", seed: int = 0, backend: Any = None):
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"probes: expected a positive integer, got {probes!r}")
+        if decay is not None and (isinstance(decay, bool) or not 0.0 <= decay < 1.0):
+            raise ValueError(f"decay: expected a number in [0, 1) or None, got {decay!r}")
+        if dist not in ("rademacher", "gaussian"):
+            raise ValueError(f"dist: expected 'rademacher' or 'gaussian', got {dist!r}")
+        if likelihood != "softmax":
+            raise ValueError(f"likelihood: only 'softmax' (cross-entropy training) is supported, got {likelihood!r}")
+        self.structure, self.probes, self.decay, self.dist, self.seed = structure, probes, decay, dist, seed
+        self.backend = backend
+        self.layout: Layout | None = None
+        self.state: dict | None = None
+
+    # -- the training step --------------------------------------------------------------------
+
+    def step(self, model: Any, params: Any, inputs: Any, targets: Any, *, loss: Any = None,
+             update: bool = True) -> tuple[Any, Any]:
+        """One forward and one batched backward: (loss value, loss gradient tree).
+
+        ``loss=None`` is the mean cross-entropy of the logits against class indices ``targets``,
+        computed in the core; a framework callable ``loss(logits, targets) -> scalar`` needs the
+        adapter's ``loss_linearize`` capability (torch, JAX). ``update=False`` skips the probes
+        (a plain training step through the same path).
+        """
+        be = self._backend(params if params is not None else inputs)
+        if loss is None:
+            logits, vjp = be.linearize(model, params, inputs)
+            z = _flat(logits)
+            y = _labels(targets, z)
+            xp = array_namespace(z)
+            res = cotangents.label_residual(z, y)  # e_y - p
+            N = z.shape[0]
+            ct_loss = -res / N
+            lp = log_softmax(z, xp=xp)
+            onehot = res + xp.exp(lp)
+            value = -xp.sum(onehot * lp) / N
+        else:
+            lin = getattr(be, "loss_linearize", None)
+            if lin is None:
+                raise TypeError(f"loss: a framework loss needs the backend's loss_linearize capability, "
+                                f"which {be!r} lacks; pass loss=None (cross-entropy)")
+            logits, value, ct_loss, vjp = lin(model, params, inputs, loss, targets)
+            z = _flat(logits)
+            ct_loss = _flat(ct_loss)
+        xp = array_namespace(z)
+        if not update:
+            g = vjp(xp.reshape(ct_loss, tuple(logits.shape)))
+            return value, g
+        N, C = z.shape
+        t = 0 if self.state is None else int(self.state["t"])
+        xi = be.probes(_step_seed(self.seed, t), (self.probes, N, C), self.dist, like=z)
+        cts = xp.concat([ct_loss[None, ...], cotangents.hutchinson(z, xi)], axis=0)
+        pulled = vjp(xp.reshape(cts, (self.probes + 1, *logits.shape)))
+        named = be.leaves(pulled)
+        grads = be.unflatten(pulled, [g[0, ...] for _, g in named])
+        self.update([g[1:, ...] for _, g in named], [n for n, _ in named], N)
+        return value, grads
+
+    def update(self, probe_grads: Sequence[Array], names: Sequence[str], n: int) -> None:
+        """Fold one step's probe gradients (K, *leaf) over ``n`` inputs into the estimate."""
+        if self.layout is None:
+            self.layout = layout(names, [tuple(g.shape[1:]) for g in probe_grads], self.structure)
+            self.state = init_state(self.layout, probe_grads[0])
+        self.state = update_state(self.layout, self.state, probe_grads, n, self.decay)
+
+    def _backend(self, params):
+        if self.backend is None or isinstance(self.backend, str):
+            self.backend = _backends.infer(params) if self.backend is None else _backends.get(self.backend)
+        return self.backend
+
+    # -- results ------------------------------------------------------------------------------
+
+    @property
+    def steps(self) -> int:
+        return 0 if self.state is None else int(self.state["t"])
+
+    @property
+    def value(self) -> dict[str, Array]:
+        """``{term key: estimate}`` (keys as in :class:`Layout`)."""
+        self._require()
+        return state_value(self.state)
+
+    @property
+    def stderr(self) -> dict[str, Array]:
+        self._require()
+        return state_stderr(self.state, self.probes)
+
+    def _require(self):
+        if self.state is None:
+            raise ValueError("RunningFisher: no step yet; call step() or update() first")
+
+    def state_dict(self) -> dict:
+        """The state as a flat ``{name: array}`` dict plus the layout and options (no pickle needed)."""
+        self._require()
+        flat = {f"m/{k}": v for k, v in self.state["m"].items()}
+        flat.update({f"s/{k}": v for k, v in self.state["s"].items()})
+        flat.update({"w": self.state["w"], "w2": self.state["w2"], "t": self.state["t"]})
+        return {"arrays": flat, "names": list(self.layout.names), "shapes": [list(s) for s in self.layout.shapes],
+                "structure": self.structure, "probes": self.probes, "decay": self.decay, "seed": self.seed}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["structure"] != self.structure:
+            raise ValueError(f"state: structure {sd['structure']!r} differs from this estimate's {self.structure!r}")
+        self.layout = layout(sd["names"], [tuple(s) for s in sd["shapes"]], self.structure)
+        a = sd["arrays"]
+        self.state = {"m": {k: a[f"m/{k}"] for k in self.layout.keys}, "s": {k: a[f"s/{k}"] for k in self.layout.keys},
+                      "w": a["w"], "w2": a["w2"], "t": a["t"]}
+
+
+def _step_seed(seed: int, t: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, t, 7]).generate_state(1)[0])
+
+
+def _flat(logits):
+    xp = array_namespace(logits)
+    return xp.reshape(logits, (-1, logits.shape[-1]))
+
+
+def _labels(targets, z):
+    xp = array_namespace(z)
+    if type(targets) is not type(z):
+        import numpy as np
+
+        targets = xp.asarray(np.asarray(targets), device=device(z))
+    if tuple(targets.shape) != (z.shape[0],):
+        raise ValueError(f"targets: expected class indices of shape ({z.shape[0]},), got {tuple(targets.shape)}")
+    return targets

@@ -1,0 +1,37 @@
+"""Natural-gradient steps from fisherlib's Fisher estimates: preconditioners and optimizers.
+
+- :func:`precondition` turns a gradient tree into (F̃ + λI)⁻¹ g for a structured F̃ (diagonal,
+  quasi-diagonal, Ollivier / Amari–Karakida–Oizumi unit blocks, full unit blocks, dense
+  per-layer blocks with an optional pseudo-inverse), from a :class:`Curvature`;
+- the array-level solves (:func:`diagonal`, :func:`arrowhead`, :func:`ollivier`,
+  :func:`woodbury`, :func:`unit_blocks`, :func:`dense`) work on any Array API namespace;
+- :class:`LevenbergMarquardt` adapts the damping λ from the ratio of actual to predicted decrease;
+- :class:`NaturalGradient` (a ``torch.optim.Optimizer``) and :func:`natural_gradient` (an
+  ``optax.GradientTransformation``) use the training step's own backward pass for the Fisher
+  (:class:`fisherlib.estimators.RunningFisher`). They are loaded on first use, so that importing
+  this package imports neither torch nor optax.
+
+See ``docs/natural-gradient.md``.
+"""
+
+from __future__ import annotations
+
+from ._damping import LevenbergMarquardt, lr_from_lambda_max
+from ._precondition import KINDS, Curvature, precondition
+from ._solve import arrowhead, dense, diagonal, ollivier, unit_blocks, woodbury
+
+__all__ = ["KINDS", "Curvature", "LevenbergMarquardt", "NaturalGradient", "arrowhead", "dense", "diagonal",
+           "lr_from_lambda_max", "natural_gradient", "ollivier", "precondition", "unit_blocks",
+           "woodbury"]
+
+
+def __getattr__(name: str):
+    if name == "NaturalGradient":
+        from ._torch_optim import NaturalGradient
+
+        return NaturalGradient
+    if name in ("natural_gradient", "value_grad_and_probes"):
+        from . import _optax
+
+        return getattr(_optax, name)
+    raise AttributeError(f"module 'fisherlib.natural' has no attribute {name!r}")

@@ -1,0 +1,203 @@
+"""Natural-gradient directions (F + λI)⁻¹ g on gradient trees, from a Fisher estimate.
+
+A :class:`Curvature` holds Fisher terms keyed as in :class:`fisherlib.estimators.Layout`
+(``"diag:<leaf>"``, ``"cross:<weight>"``, ``"unit:<weight>"``, ``"block:<leaf>"``); it comes
+from a :class:`~fisherlib.estimators.RunningFisher` or a :class:`~fisherlib.FisherEstimate`.
+:func:`precondition` maps a gradient tree to a tree of the same shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import backends as _backends
+from ..core._compat import array_namespace
+from ..estimators._running import Layout, Unit, from_units, layout, to_units
+from . import _solve
+
+Array = Any
+Tree = Any
+
+__all__ = ["KINDS", "Curvature", "precondition"]
+
+KINDS = ("diag", "quasidiag", "ollivier", "unitwise", "blocks")
+UNIT_SOLVES = ("auto", "dense", "woodbury")
+DENSE_UNITS = 128  # "auto" solves unit blocks up to this side densely
+
+
+class Curvature:
+    """Fisher terms over named parameter leaves, with accessors for what each solve needs.
+
+    Parameters
+    ----------
+    layout : Layout
+        Leaves' names, shapes and units.
+    terms : dict
+        ``{term key: array}``; see :class:`~fisherlib.estimators.Layout`.
+    """
+
+    def __init__(self, layout: Layout, terms: dict[str, Array]):
+        self.layout = layout
+        self.terms = dict(terms)
+
+    @classmethod
+    def from_running(cls, running) -> "Curvature":
+        """The current estimate of a :class:`~fisherlib.estimators.RunningFisher`."""
+        return cls(running.layout, running.value)
+
+    @classmethod
+    def from_estimate(cls, estimate, params: Tree, *, backend: Any = None) -> "Curvature":
+        """From a :class:`~fisherlib.FisherEstimate`: ``structure="diag"``, or ``"blocks"`` with
+        ``blocks=None`` (a dense block per leaf) or ``"unitwise"`` (torch-style (out, in) weights).
+
+        ``params`` gives the leaves' names and shapes (the tree the estimate was made for).
+        """
+        be = _backend(backend, params)
+        named = be.leaves(params)
+        names, shapes = [n for n, _ in named], [tuple(x.shape) for _, x in named]
+        if estimate.structure == "diag":
+            value = dict(be.leaves(estimate.value))
+            return cls(layout(names, shapes, "diag"), {f"diag:{n}": value[n] for n in names})
+        if estimate.structure != "blocks":
+            raise ValueError(f"estimate: expected structure 'diag' or 'blocks', got {estimate.structure!r}")
+        lay = layout(names, shapes, "unitwise")
+        terms = {}
+        for name, block in estimate.value.items():
+            if block.ndim == 3:  # unit-wise: (U, S, S), rows of an (out, in) weight with its bias
+                u = next((u for u in lay.units if u.name == name and u.axis == 0), None)
+                if u is None or (u.units, u.size) != tuple(block.shape[:2]):
+                    raise ValueError(f"estimate: unit-wise block {name!r} of shape {tuple(block.shape)} does not "
+                                     "match a weight leaf with its bias")
+                terms[f"unit:{name}"] = block
+            elif name in names:
+                terms[f"block:{name}"] = block
+            else:
+                raise ValueError(f"estimate: block {name!r} is not a single parameter leaf; group blocks "
+                                 "are not supported here")
+        return cls(lay, terms)
+
+    # -- accessors ------------------------------------------------------------------------------
+
+    def _unit_block(self, u: Unit) -> Array | None:
+        return self.terms.get(f"unit:{u.name}")
+
+    def diag(self, i: int) -> Array:
+        """F's diagonal over leaf ``i``, shaped like the leaf."""
+        lay = self.layout
+        name, shape = lay.names[i], lay.shapes[i]
+        if f"diag:{name}" in self.terms:
+            return self.terms[f"diag:{name}"]
+        if f"block:{name}" in self.terms:
+            b = self.terms[f"block:{name}"]
+            xp = array_namespace(b)
+            return xp.reshape(xp.linalg.diagonal(b), shape)
+        for u in lay.units:
+            blk = self._unit_block(u)
+            if blk is not None and i in (u.weight, u.bias):
+                xp = array_namespace(blk)
+                d = xp.linalg.diagonal(blk)
+                w, b = from_units(u, d, lay.shapes[u.weight])
+                return w if i == u.weight else b
+        raise ValueError(f"curvature: no Fisher diagonal for leaf {name!r}")
+
+    def cross(self, u: Unit) -> Array | None:
+        """Bias–weight terms F_{b w_j} (U, n) of a unit, or None when not kept."""
+        if f"cross:{u.name}" in self.terms:
+            return self.terms[f"cross:{u.name}"]
+        blk = self._unit_block(u)
+        if blk is not None and u.bias is not None:
+            return blk[:, :-1, -1]
+        return None
+
+
+def _backend(backend, tree):
+    if backend is None:
+        return _backends.infer(tree)
+    return _backends.get(backend) if isinstance(backend, str) else backend
+
+
+def precondition(grads: Tree, curvature: Curvature, kind: str = "diag", damping: float = 1e-3, *,
+                 unit_solve: str = "auto", pinv: bool = False, rtol: float | None = None,
+                 backend: Any = None) -> Tree:
+    """The damped natural-gradient direction (F̃ + λI)⁻¹ g for a structured F̃, as a tree like ``grads``.
+
+    Parameters
+    ----------
+    grads : tree
+        Gradients (a dict by parameter name for a torch module).
+    curvature : Curvature
+        Fisher terms (:meth:`Curvature.from_running`, :meth:`Curvature.from_estimate`).
+    kind : {"diag", "quasidiag", "ollivier", "unitwise", "blocks"}
+        F̃: the diagonal; per unit the diagonal plus the bias row (exact arrowhead solve,
+        :func:`~fisherlib.natural.arrowhead`); Ollivier's quasi-diagonal step
+        (:func:`~fisherlib.natural.ollivier`); the unit-wise blocks (see ``unit_solve``); a
+        dense block per leaf. Leaves outside any unit use the diagonal.
+    unit_solve : {"auto", "dense", "woodbury"}
+        ``kind="unitwise"``: a batched dense solve of each unit's (n+1)² block (needs
+        ``RunningFisher("unitwise")``), or Amari–Karakida–Oizumi's diagonal + rank-one block
+        inverted in O(n) (:func:`~fisherlib.natural.woodbury`; needs only the quasi-diagonal
+        terms; exact when the unit's inputs are uncorrelated given its signal). "auto": dense
+        where the blocks are kept and n + 1 <= 128, Woodbury elsewhere.
+    damping : float
+        λ >= 0.
+    pinv : bool
+        ``kind="blocks"`` (and "unitwise"): the pseudo-inverse of F̃ + λI (``rtol`` cut-off)
+        instead of a solve, so that λ = 0 works for singular blocks.
+
+    Notes
+    -----
+    Cost per unit of fan-in n: O(n) for "diag", "quasidiag", "ollivier" and "unitwise" by
+    Woodbury; O(n³) for dense "unitwise"; O(P³) per leaf of P entries for "blocks".
+    """
+    if unit_solve not in UNIT_SOLVES:
+        raise ValueError(f"unit_solve: expected one of {UNIT_SOLVES}, got {unit_solve!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if not isinstance(curvature, Curvature):
+        raise TypeError(f"curvature: expected a Curvature, got {type(curvature).__name__}")
+    be = _backend(backend, grads)
+    named = be.leaves(grads)
+    lay = curvature.layout
+    if [n for n, _ in named] != list(lay.names):
+        raise ValueError(f"grads: leaves {[n for n, _ in named]} differ from the curvature's {list(lay.names)}")
+    g = [x for _, x in named]
+    out: list[Array | None] = [None] * len(g)
+    if kind == "blocks":
+        for i, name in enumerate(lay.names):
+            blk = curvature.terms.get(f"block:{name}")
+            if blk is None:
+                raise ValueError(f"curvature: kind='blocks' needs dense per-leaf blocks; leaf {name!r} has none "
+                                 "(use RunningFisher('blocks') or fisher(structure='blocks'))")
+            xp = array_namespace(g[i])
+            flat = xp.reshape(g[i], (-1,))
+            out[i] = xp.reshape(_solve.dense(flat, blk, damping, pinv=pinv, rtol=rtol), tuple(g[i].shape))
+    elif kind != "diag":
+        for u in lay.units:
+            gb = None if u.bias is None else g[u.bias]
+            blk = curvature._unit_block(u)
+            fast = unit_solve == "woodbury" or (unit_solve == "auto" and (blk is None or u.size > DENSE_UNITS))
+            if kind == "unitwise" and not fast:
+                if blk is None:
+                    raise ValueError(f"curvature: unit_solve='dense' needs unit blocks; {u.name!r} has none "
+                                     "(use RunningFisher('unitwise'), or unit_solve='woodbury')")
+                v = _solve.dense(to_units(u, g[u.weight], gb), blk, damping, pinv=pinv, rtol=rtol)
+                out[u.weight], b = from_units(u, v, lay.shapes[u.weight])
+                if u.bias is not None:
+                    out[u.bias] = b
+                continue
+            if u.bias is None:
+                continue  # no bias row: the diagonal below
+            c = curvature.cross(u)
+            if c is None:
+                raise ValueError(f"curvature: kind={kind!r} needs bias–weight terms; {u.name!r} has none "
+                                 "(use RunningFisher with structure 'quasidiag' or 'unitwise')")
+            dw = to_units(u, curvature.diag(u.weight), None)
+            gw = to_units(u, g[u.weight], None)
+            solve = {"quasidiag": _solve.arrowhead, "ollivier": _solve.ollivier, "unitwise": _solve.woodbury}[kind]
+            dW, dB = solve(gw, g[u.bias], dw, curvature.diag(u.bias), c, damping)
+            out[u.weight], _ = from_units(u, dW, lay.shapes[u.weight], bias=False)
+            out[u.bias] = dB
+    for i in range(len(g)):
+        if out[i] is None:
+            out[i] = _solve.diagonal(g[i], curvature.diag(i), damping)
+    return be.unflatten(grads, out)
