@@ -111,6 +111,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("core", "core functions (`simplex`, `hypercube`)", "core"),
     Feature("batched_vjp", "`linearize` + K cotangents pulled back in one call", "batched VJP"),
     Feature("per_example", "per-example VJPs (`per_example_vjp`)", "per-example"),
+    Feature("jvp", "Jacobian-vector products (`jvp`: F·v in `fisherlib.spectral`)", "JVP"),
     Feature("own_params", "models that own their parameters (`params=None`)", "own parameters"),
     Feature("jit", "jit / tracing", "jit"),
     Feature("float64", "float64", "float64"),
@@ -131,6 +132,10 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "per_example": _depends(
             _EXPLICIT.format("NumPy") + "; without a `per_example_vjp` method, one `vjp` per input"
         ),
+        "jvp": _depends(
+            "explicit-VJP models that state `jvp(params, x, tangent)` (`fisherlib.models` do); "
+            "without it `fisherlib.spectral` falls back to C per-example VJPs per input"
+        ),
         "own_params": _no("explicit-VJP models take their parameters as an argument"),
         "jit": _no("NumPy runs eagerly; there is nothing to compile"),
         "float64": YES,
@@ -144,6 +149,7 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
             "`torch.func.vmap` runs each input as a batch of one: batch norm in training mode "
             "fails (call `model.eval()`)"
         ),
+        "jvp": _yes("`torch.func.jvp` of `functional_call`, K directions in one `torch.func.vmap`"),
         "own_params": YES,  # an nn.Module's parameters with requires_grad=True
         "jit": _no(
             "`torch.compile` is not supported or tested (with torch 2.13 a compiled module failed "
@@ -157,6 +163,7 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "core": YES,
         "batched_vjp": YES,  # one vmap of the pullback
         "per_example": YES,  # jax.vmap, or jax.lax.map in chunks
+        "jvp": _yes("`jax.jvp`; K directions through one `jax.linearize` and `vmap`, jit-compiled"),
         "own_params": _no(
             "JAX models are pure functions `f(params, x)`: pass the parameter pytree (flax "
             "variables, `eqx.partition`)"
@@ -173,6 +180,10 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "core": YES,
         "batched_vjp": _depends(_CUPY_MODELS),
         "per_example": _depends(_CUPY_MODELS),
+        "jvp": _no(
+            "no `jvp` in the adapter: `fisherlib.spectral` falls back to the Jacobian rows, C "
+            "per-example VJPs per input"
+        ),
         "own_params": _depends("a torch `nn.Module` through DLPack (needs torch with CUDA)"),
         "jit": _no("CuPy runs eagerly (a torch or JAX model keeps its own adapter's behaviour)"),
         "float64": YES,
@@ -183,6 +194,7 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "core": YES,
         "batched_vjp": _depends("through the `numpy` adapter: explicit-VJP models only"),
         "per_example": _depends("through the `numpy` adapter: explicit-VJP models only"),
+        "jvp": _depends("through the `numpy` adapter: explicit-VJP models with a `jvp` method"),
         "own_params": _no("explicit-VJP models take their parameters as an argument"),
         "jit": _no("an eager reference implementation"),
         "float64": YES,

@@ -22,6 +22,9 @@ The explicit-VJP protocol every such model follows (see ``docs/write-your-own-ad
     ``ct`` (K, N, C) gives J_nᵀ ct[k, n] for every k and n: leaves (K, N, *leaf.shape).
 ``linearize(params, x) -> (z, vjp)`` (optional)
     one forward pass whose activations the returned ``vjp(ct)`` reuses.
+``jvp(params, x, tangent) -> Jt`` (optional)
+    the Jacobian-vector product (N, C) for a tangent shaped like ``params``, or (K, N, C) when
+    every leaf has a leading axis K; matrix-free products F v use it (:mod:`fisherlib.spectral`).
 
 Both models backpropagate with matrix products over the whole batch and all K cotangents at
 once; there is no Python loop over inputs or probes.
@@ -172,6 +175,56 @@ class _Dense:
         """
         z, hs, layers, xp = self._forward(params, x)
         return self._backward(layers, hs, self._check_ct(ct, z, stacked=True), xp, True)
+
+    def jvp(self, params: Params, x: Array, tangent: Params) -> Array:
+        """J t = Σ_θ ∂z/∂θ · t_θ, the logits' change along the parameter direction ``tangent``.
+
+        Parameters
+        ----------
+        params : dict of str to array
+        x : array (N, D)
+        tangent : dict of str to array
+            Shaped like ``params``, or every leaf with a leading axis K for K directions at once.
+
+        Returns
+        -------
+        array (N, C), or (K, N, C) for a stacked ``tangent``
+            Forward mode through the layers: da = dh Wᵀ + h dWᵀ + db, dh' = act'(a) ⊙ da.
+        """
+        z, hs, layers, xp = self._forward(params, x)
+        ts = self._layers_like(tangent, layers)
+        stacked = ts[0][0].ndim == 3
+        dh = None
+        for i, ((w, _), (dw, db)) in enumerate(zip(layers, ts)):
+            da = xp.matmul(hs[i], xp.matrix_transpose(dw)) + (db[..., None, :] if stacked else db)
+            if dh is not None:
+                da = da + xp.matmul(dh, xp.matrix_transpose(w))
+            if i == len(layers) - 1:
+                return da
+            hout = hs[i + 1]  # the activation's output: its derivative is a function of it
+            if self.activation == "tanh":
+                dh = da * (1 - hout * hout)
+            else:
+                dh = xp.where(hout > 0, da, xp.zeros_like(da))
+        raise AssertionError("unreachable")
+
+    def _layers_like(self, tangent, layers):
+        """The tangent's (dW, db) per layer, each shaped like the layer's (W, b) or with a leading K."""
+        if not hasattr(tangent, "keys"):
+            raise TypeError(f"tangent: expected a dict of arrays, got {type(tangent).__name__}")
+        missing = [n for n in self._names if n not in tangent]
+        if missing:
+            raise KeyError(f"tangent: missing {missing}; expected keys {self._names}")
+        out = [(tangent[wn], tangent[bn]) for wn, bn in self._pairs()]
+        lead = tuple(out[0][0].shape[:-2])
+        if len(lead) > 1:
+            raise ValueError(f"tangent: expected {self._names[0]} of shape (out, in) or (K, out, in), "
+                             f"got {tuple(out[0][0].shape)}")
+        for (dw, db), (w, b), (wn, bn) in zip(out, layers, self._pairs()):
+            if tuple(dw.shape) != lead + tuple(w.shape) or tuple(db.shape) != lead + tuple(b.shape):
+                raise ValueError(f"tangent: expected {wn} {lead + tuple(w.shape)} and {bn} "
+                                 f"{lead + tuple(b.shape)}, got {tuple(dw.shape)} and {tuple(db.shape)}")
+        return out
 
     # -- the computations ---------------------------------------------------------------------
 

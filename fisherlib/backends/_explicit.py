@@ -110,3 +110,23 @@ class ExplicitBackend:
 
     def __repr__(self) -> str:
         return f"<fisherlib backend {self.name!r}>"
+
+    def jvp(self, model: Any, params: Tree, inputs: Array, tangents: Tree) -> Array:
+        """J t: the logits' change along ``tangents`` (shaped like ``params``, or leaves (K, ...)).
+
+        Uses the model's own ``jvp(params, x, tangent)``; a model without one raises
+        NotImplementedError (:mod:`fisherlib.spectral` then falls back to pulling back the C
+        one-hot cotangents of every input).
+
+        Returns
+        -------
+        array shaped like the logits, or (K, *logits.shape) for stacked tangents
+        """
+        check_explicit_model(model, self.name)
+        own = getattr(model, "jvp", None)
+        if not callable(own):
+            raise NotImplementedError(
+                f"model: {type(model).__qualname__} states no jvp(params, x, tangent); add one for "
+                "matrix-free Fisher-vector products (see fisherlib.models)"
+            )
+        return own(params, inputs, tangents)

@@ -189,3 +189,79 @@ class JaxBackend:
 
     def __repr__(self) -> str:
         return f"<fisherlib backend {self.name!r}>"
+
+    # -- optional capability: Jacobian-vector products (fisherlib.spectral) --------------------
+
+    def jvp(self, model: Callable, params: Tree, inputs: Any, tangents: Tree) -> jax.Array:
+        """J t: the logits' change along ``tangents`` (a pytree like ``params``), by ``jax.jvp``.
+
+        With a leading axis K on every leaf of ``tangents`` the result is (K, *logits.shape):
+        ``jax.linearize`` once, then one ``vmap`` of the linear map. Compiled with ``jax.jit``
+        (cached per model function) unless the backend was made with ``jit=False``.
+        """
+        if not callable(model):
+            raise TypeError(f"model: expected a function f(params, x), got {type(model).__name__}")
+        shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]
+        got = [tuple(x.shape) for x in jax.tree_util.tree_leaves(tangents)]
+        if jax.tree_util.tree_structure(tangents) != jax.tree_util.tree_structure(params):
+            raise ValueError("tangents: expected a pytree with the structure of params")
+        if got == shapes:
+            batched = False
+        elif all(len(g) == len(s) + 1 and g[1:] == s for g, s in zip(got, shapes)) and len({g[0] for g in got}) == 1:
+            batched = True
+        else:
+            raise ValueError(f"tangents: expected leaves shaped {shapes}, or all with one leading K, got {got}")
+        return self._jvp_fn(model, batched)(params, inputs, tangents)
+
+    def _jvp_fn(self, model: Callable, batched: bool) -> Callable:
+        cache = self.__dict__.setdefault("_jvp_cache", OrderedDict())
+        key = (id(getattr(model, "__self__", None)), id(getattr(model, "__func__", model)), batched)
+        hit = cache.get(key)
+        if hit is not None and (hit[0] is model or _same_method(hit[0], model)):
+            return hit[1]
+
+        def one(params, inputs, t):
+            return jax.jvp(lambda p: model(p, inputs), (params,), (t,))[1]
+
+        def many(params, inputs, ts):
+            if not self.batch_probes:
+                k = jax.tree_util.tree_leaves(ts)[0].shape[0]
+                return jnp.stack([one(params, inputs, jax.tree_util.tree_map(lambda a: a[i], ts)) for i in range(k)])
+            _, lin = jax.linearize(lambda p: model(p, inputs), params)
+            return jax.vmap(lin)(ts)
+
+        fn = many if batched else one
+        if self.jit:
+            fn = jax.jit(fn)
+        cache[key] = (model, fn)
+        if len(cache) > self._CACHE_SIZE:
+            cache.popitem(last=False)
+        return fn
+
+    # -- optional capability: training-loop reuse (fisherlib.estimators.RunningFisher) ----------
+
+    def loss_linearize(self, model: Callable, params: Tree, inputs: Any, loss: Callable,
+                       targets: Any) -> tuple[jax.Array, jax.Array, jax.Array, Callable]:
+        """The training step's forward: (logits, loss value, ∂loss/∂logits, ``vjp``).
+
+        ``loss(logits, targets)`` returns a scalar; its logit gradient is
+        ``jax.value_and_grad`` of the loss alone (compiled, cached per loss function). The
+        ``vjp`` is :meth:`linearize`'s, so that the loss cotangent and the probes' go back
+        through the network in one ``vmap`` of the pullback.
+        """
+        logits, vjp = self.linearize(model, params, inputs)
+        cache = self.__dict__.setdefault("_loss_cache", OrderedDict())
+        hit = cache.get(id(loss))
+        if hit is None or hit[0] is not loss:
+            fn = jax.value_and_grad(loss)
+            hit = cache[id(loss)] = (loss, jax.jit(fn) if self.jit else fn)
+            if len(cache) > self._CACHE_SIZE:
+                cache.popitem(last=False)
+        value, ct = hit[1](logits, targets)
+        return logits, value, ct, vjp
+
+    def compile(self, fn: Callable) -> Callable:
+        """``jax.jit(fn)`` (``fn`` itself with ``jit=False``): lets framework-free code such as
+        :class:`~fisherlib.estimators.RunningFisher` compile its pure array functions once
+        instead of dispatching (and compiling) them op by op."""
+        return jax.jit(fn) if self.jit else fn
