@@ -9,13 +9,14 @@ float64 when ``jax_enable_x64`` is on.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from ._common import check_ct, check_dist, check_per_example_ct, check_seed, check_shape
+from ._common import check_ct, check_dist, check_per_example_ct, check_seed, check_shape, logits_of
 
 Tree = Any
 
@@ -72,6 +73,10 @@ class JaxBackend:
         Pull a stack of K cotangents back with one ``vmap`` of the pullback (default). ``False``
         applies the pullback K times and stacks the results: on a CPU, convolution-heavy models
         can be faster that way (``docs/benchmarks.md``); the results are the same.
+    layer_io : bool
+        Offer :meth:`layer_io` (default), so that per-example methods work from each layer's
+        input and output cotangents, found in the jaxpr (``docs/per-example.md``); ``False``
+        leaves the generic per-example VJP (a ``vmap`` of whole-model VJPs) for every leaf.
 
     Notes
     -----
@@ -83,31 +88,46 @@ class JaxBackend:
 
     name = "jax"
     _CACHE_SIZE = 32
+    output: Callable | None = None  # where the logits are in the model's output (with_output)
 
-    def __init__(self, *, jit: bool = True, chunk_size: int | None = None, batch_probes: bool = True):
+    def __init__(self, *, jit: bool = True, chunk_size: int | None = None, batch_probes: bool = True,
+                 layer_io: bool = True):
         self.jit = jit
         self.chunk_size = chunk_size
         self.batch_probes = batch_probes
-        self._cache: OrderedDict[tuple[int, int], tuple[Any, Callable, Callable]] = OrderedDict()
+        if not layer_io:  # the capability is absent: the estimators take the generic per-example VJP
+            self.layer_io = None
+        self._cache: OrderedDict[tuple[int, int, int], tuple[Any, Callable, Callable, Any]] = OrderedDict()
+
+    def with_output(self, output: Callable[[Any], jax.Array]) -> JaxBackend:
+        """A copy of this backend (sharing its compiled cache) that takes the logits as
+        ``output(model_output)``; pass the same function each time to reuse compilations."""
+        new = copy.copy(self)
+        new.output = output
+        return new
 
     def _compiled(self, model: Callable) -> tuple[Callable, Callable]:
         # Keyed by identity, holding the model so that the id cannot be reused while cached; a
         # bound method (flax's module.apply) is a new object per access, so key on its parts.
-        key = (id(getattr(model, "__self__", None)), id(getattr(model, "__func__", model)))
+        output = self.output
+        key = (id(getattr(model, "__self__", None)), id(getattr(model, "__func__", model)), id(output))
         hit = self._cache.get(key)
-        if hit is not None and (hit[0] is model or _same_method(hit[0], model)):
+        if hit is not None and (hit[0] is model or _same_method(hit[0], model)) and hit[3] is output:
             self._cache.move_to_end(key)
             return hit[1], hit[2]
 
+        def f(params, inputs):  # the logits inside the traced function: any output object works
+            return logits_of(model(params, inputs), output)
+
         def fwd(params, inputs):
-            return _fwd(model, params, inputs)
+            return _fwd(f, params, inputs)
 
         def per_example(params, inputs, cts, chunk_size):
-            return _per_example(model, params, inputs, cts, chunk_size)
+            return _per_example(f, params, inputs, cts, chunk_size)
 
         if self.jit:
             fwd, per_example = jax.jit(fwd), jax.jit(per_example, static_argnums=3)
-        self._cache[key] = (model, fwd, per_example)
+        self._cache[key] = (model, fwd, per_example, output)
         if len(self._cache) > self._CACHE_SIZE:
             self._cache.popitem(last=False)
         return fwd, per_example
@@ -147,6 +167,18 @@ class JaxBackend:
         n = jax.tree_util.tree_leaves(inputs)[0].shape[0]
         check_per_example_ct(cotangents, n)
         return per_example(params, inputs, cotangents, chunk_size if chunk_size is not None else self.chunk_size)
+
+    def layer_io(self, model: Callable, params: Tree, inputs: Any):
+        """One forward: (logits, ``capture``), for layer-wise per-example products.
+
+        The layers are found in the model's jaxpr (:mod:`fisherlib.backends.jax_layers`).
+        ``capture(ct)`` pulls a stack ``ct`` (V, *logits.shape) back to every recognised layer's
+        output in one ``vmap`` of one pullback and returns :class:`fisherlib.core.layers.Layer`
+        records; ``capture.uncovered`` names the leaves no recognised layer owns.
+        """
+        from . import jax_layers
+
+        return jax_layers.capture(self, model, params, inputs)
 
     def probes(self, seed: Any, shape: tuple[int, ...], dist: str, like: jax.Array) -> jax.Array:
         """Rademacher, Gaussian or uniform values from ``jax.random`` with ``jax.random.key(seed)``.
