@@ -133,10 +133,26 @@ def _np(a):
     return to_numpy(a, np.float64)
 
 
+def canonical(name: str) -> str:
+    """A leaf name in the NumPy model's spelling: JAX key paths lose their brackets, torch's
+    second Linear (index 2 of the Sequential) is layer 1."""
+    name = name.strip("[]'\"")
+    return {"2.weight": "1.weight", "2.bias": "1.bias"}.get(name, name)
+
+
+def _order(names, sizes):
+    """Index permutation from the estimate's leaf order to the reference's (NP_NAMES) order."""
+    offsets = dict(zip(names, np.cumsum([0] + sizes[:-1])))
+    size = dict(zip(names, sizes))
+    by = {canonical(n): n for n in names}
+    return np.concatenate([np.arange(offsets[by[c]], offsets[by[c]] + size[by[c]]) for c in NP_NAMES])
+
+
 def read(est, structure: str):
-    """(value, stderr) as float64 NumPy in the reference's layout (leaf order, one group)."""
+    """(value, stderr) as float64 NumPy in the reference's layout (NP_NAMES order, one group)."""
     if structure == "sketch":
-        G = _np(est.value.factor())  # (P, K): column k is √(scale/K) g_k
+        sizes = [math.prod(est.value.leaves[n].shape[1:]) for n in est.names]
+        G = _np(est.value.factor())[_order(est.names, sizes), :]  # (P, K): column k is √(scale/K) g_k
         K = G.shape[1]
         outer = np.einsum("ik,jk->kij", G, G) * K  # per-probe estimates scale·g_k g_kᵀ
         return outer.mean(0), outer.std(0, ddof=1) / math.sqrt(K)
@@ -146,10 +162,11 @@ def read(est, structure: str):
     if structure == "blocks":
         (name,) = est.names
         return _np(value[name]), _np(se[name])
-    value = dict(zip(est.names, (v for _, v in _leaves(value, est.names))))
-    se = dict(zip(est.names, (v for _, v in _leaves(se, est.names))))
-    return (np.concatenate([_np(value[n]).ravel() for n in est.names]),
-            np.concatenate([_np(se[n]).ravel() for n in est.names]))
+    value = dict(_leaves(value, est.names))
+    se = dict(_leaves(se, est.names))
+    by = {canonical(n): n for n in est.names}
+    return (np.concatenate([_np(value[by[c]]).ravel() for c in NP_NAMES]),
+            np.concatenate([_np(se[by[c]]).ravel() for c in NP_NAMES]))
 
 
 def _leaves(tree, names):
@@ -158,7 +175,7 @@ def _leaves(tree, names):
     from fisherlib.backends._common import flatten
 
     got_names, leaves = flatten(tree, lambda a: hasattr(a, "shape") and hasattr(a, "dtype"))
-    return list(zip(got_names, leaves))
+    return list(zip(names, leaves)) if len(leaves) == len(names) else list(zip(got_names, leaves))
 
 
 def expected(cell: Cell, F: np.ndarray):
