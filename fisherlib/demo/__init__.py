@@ -73,6 +73,9 @@ def run(backend: str | None = None, out: str | Path = "fisherlib-report", *, pro
             "n_train": int(len(split.y_train)), "accuracy": accuracy,
             "train_seconds": train_seconds, "final_loss": losses[-1], "seed": seed, "quick": quick}
     paths = report.write(result, Path(out), meta)
+    from . import uses_panel  # "what the Fisher is for" (fisherlib.uses): pruning curves
+
+    uses_panel.add(net, split.x_test, split.y_test, result, paths, echo=echo)
     echo(f"\nreport: {paths['report']} ({len(report.FIGURES)} figures beside it)")
     return json_summary(paths["json"])
 
