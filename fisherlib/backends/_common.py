@@ -87,6 +87,41 @@ def _rebuild(node: Mapping, items):
         return dict(items)
 
 
+# -- model outputs and inputs ------------------------------------------------------------------
+
+
+def logits_of(out: Any, output: Callable[[Any], Array] | None = None) -> Array:
+    """The logits in a model's output: ``output(out)`` when given; else ``out`` itself when it
+    is an array, its ``.logits`` (a HuggingFace ``ModelOutput``), or its ``"logits"`` entry.
+
+    Applied inside the differentiated function, so any output object works.
+    """
+    if output is not None:
+        return output(out)
+    if hasattr(out, "shape") and hasattr(out, "dtype"):
+        return out
+    found = getattr(out, "logits", None)
+    if found is None and isinstance(out, Mapping):
+        found = out.get("logits")
+    if found is not None:
+        return found
+    raise TypeError(
+        f"model: returned a {type(out).__module__}.{type(out).__qualname__}; expected logits, an "
+        "output with a .logits attribute (HuggingFace) or a dict with a 'logits' entry. Pass "
+        "fisher(..., logits=lambda out: ...) to say where the logits are"
+    )
+
+
+def call_args(inputs: Any) -> tuple[tuple, dict]:
+    """How a module takes a batch: a dict as keyword arguments, a tuple as positional ones,
+    anything else as its one argument."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple) and not hasattr(inputs, "_fields"):
+        return inputs, {}
+    return (inputs,), {}
+
+
 # -- checks at the adapter boundary ------------------------------------------------------------
 
 

@@ -8,6 +8,8 @@ one cotangent, or a stack of K, with a single ``torch.autograd.grad`` call (K-st
 
 from __future__ import annotations
 
+import copy
+import difflib
 import warnings
 from typing import Any, Callable
 
@@ -21,8 +23,10 @@ from ._common import (
     check_dist,
     check_per_example_ct,
     check_seed,
+    call_args,
     check_shape,
     flatten,
+    logits_of,
     unflatten,
 )
 
@@ -54,6 +58,29 @@ def _check_foreign_leaves(params: Tree) -> None:
                 f"{leaf.dtype}, not a torch tensor, so it would be left out of the Fisher; convert "
                 "it with torch.as_tensor"
             )
+
+
+def _check_names(model: nn.Module, params: Tree, names: list[str]) -> None:
+    """ValueError for a name that is not one of the module's parameters (misspelt, a buffer)."""
+    if isinstance(params, nn.Module):
+        raise TypeError(
+            f"params: got the module {type(params).__name__} itself; pass params=None for all its "
+            "parameters that require grad, or a dict of some of them, e.g. "
+            "{n: p for n, p in model.named_parameters() if n.startswith('classifier.')}")
+    own = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    for name in names:
+        if name in own:
+            continue
+        if name in buffers:
+            raise ValueError(
+                f"params: {name!r} is a buffer of the module, not a parameter (a state_dict() holds "
+                "buffers too); pass params=None, dict(model.named_parameters()), or a dict of some "
+                "of them")
+        close = difflib.get_close_matches(name, list(own), n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else (
+            f"; its parameters are {list(own)[:10]}{' ...' if len(own) > 10 else ''}")
+        raise ValueError(f"params: the module {type(model).__name__} has no parameter {name!r}{hint}")
 
 
 def _warn_batchnorm(model: nn.Module) -> None:
@@ -101,6 +128,7 @@ class TorchBackend:
     """
 
     name = "torch"
+    output: Callable | None = None  # where the logits are in the model's output (with_output)
 
     def __init__(self, *, chunk_size: int | None = None, warn_batchnorm: bool = True, batch_probes: bool = True,
                  layer_io: bool = True):
@@ -109,6 +137,12 @@ class TorchBackend:
         self.batch_probes = batch_probes
         if not layer_io:  # the capability is absent: the estimators take the generic per-example VJP
             self.layer_io = None
+
+    def with_output(self, output: Callable[[Any], torch.Tensor]) -> TorchBackend:
+        """A copy of this backend that takes the logits as ``output(model_output)``."""
+        new = copy.copy(self)
+        new.output = output
+        return new
 
     # -- the model as a function of its parameter leaves -------------------------------------
 
@@ -126,16 +160,22 @@ class TorchBackend:
                     return dict(zip(names, grads))
 
                 if own:  # autograd straight through the module's own parameters
-                    return (lambda ls, x: model(x)), leaves, rebuild
+                    def call_own(ls, x):
+                        args, kwargs = call_args(x)
+                        return logits_of(model(*args, **kwargs), self.output)
+
+                    return call_own, leaves, rebuild
             else:
                 _check_foreign_leaves(params)
                 names, leaves = flatten(params, _is_leaf)
+                _check_names(model, params, names)
 
                 def rebuild(grads):
                     return unflatten(params, grads, _is_leaf)
 
             def call(ls, x):
-                return torch.func.functional_call(model, dict(zip(names, ls)), (x,))
+                args, kwargs = call_args(x)
+                return logits_of(torch.func.functional_call(model, dict(zip(names, ls)), args, kwargs), self.output)
 
             return call, leaves, rebuild
         if params is None:
@@ -145,8 +185,8 @@ class TorchBackend:
         _check_foreign_leaves(params)
         _, leaves = flatten(params, _is_leaf)
 
-        def call(ls, x):
-            return model(unflatten(params, list(ls), _is_leaf), x)
+        def call(ls, x):  # a callable f(params, x) gets the batch as it is, a dict included
+            return logits_of(model(unflatten(params, list(ls), _is_leaf), x), self.output)
 
         def rebuild(grads):
             return unflatten(params, grads, _is_leaf)
@@ -217,10 +257,13 @@ class TorchBackend:
             _, pull = torch.func.vjp(lambda *ls: call(ls, x1), *leaves)
             return torch.func.vmap(pull)(ct_n.unsqueeze(1))
 
-        rows = torch.func.vmap(
-            one, in_dims=(0, 1), out_dims=1, randomness="different",
-            chunk_size=chunk_size if chunk_size is not None else self.chunk_size,
-        )(inputs, cotangents)
+        # Outside autograd: with a dict of some of a module's parameters, the others still
+        # require grad, and the products would carry their graph (memory growing per batch).
+        with torch.no_grad():
+            rows = torch.func.vmap(
+                one, in_dims=(0, 1), out_dims=1, randomness="different",
+                chunk_size=chunk_size if chunk_size is not None else self.chunk_size,
+            )(inputs, cotangents)
         return rebuild(list(rows))
 
     def layer_io(self, model: Any, params: Tree, inputs: Any):

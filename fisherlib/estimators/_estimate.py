@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -17,7 +18,7 @@ Array = Any
 __all__ = ["FisherEstimate"]
 
 _META = ("method", "structure", "likelihood", "bound", "rank", "reduction", "n_inputs", "n_probes",
-         "per_example", "dist", "stderr_kind", "seed")
+         "per_example", "dist", "stderr_kind", "seed", "n_outputs")
 
 
 @dataclass
@@ -45,6 +46,17 @@ class FisherEstimate:
         their batches only when told where they lie: ``fisher(first_batch=...)``). ``merge``
         refuses to count a batch with the same seed twice. An estimate built without it counts
         as drawing every batch with its ``seed``.
+    n_inputs, n_outputs
+        The inputs the estimate sums over, and the output distributions counted: one per input
+        for (N, C) logits; the unmasked positions for sequence logits (N, T, C)
+        (``docs/huggingface-and-sequences.md``). ``reduction="mean"`` divides by ``n_inputs``.
+
+    Notes
+    -----
+    An estimate pickles (``pickle``, ``torch.save``) with its arrays as they are; the function
+    that shapes a "diag" value like the model's parameter tree is left behind (it holds the
+    backend and the parameters), so after unpickling, as after :meth:`load`, ``value`` is a
+    ``{name: array}`` dict with the leaves' dotted names.
     """
 
     names: list[str]
@@ -64,6 +76,7 @@ class FisherEstimate:
     block_shapes: dict = field(default_factory=dict)
     _tree: Callable | None = field(default=None, repr=False, compare=False)
     draws: tuple = ()
+    n_outputs: int | None = None
 
     def __post_init__(self):
         if not self.draws and self.seed is not None and self.stderr_kind != "exact":
@@ -136,18 +149,29 @@ class FisherEstimate:
                 )
         draws = _join_draws(self.draws, other.draws)
         parts = [a + _like(b, a) for a, b in zip(self.parts, other.parts)]
+        n_outputs = (self.n_outputs + other.n_outputs
+                     if self.n_outputs is not None and other.n_outputs is not None else None)
         return replace(self, parts=parts, n_inputs=self.n_inputs + other.n_inputs,
-                       _tree=self._tree or other._tree, draws=draws)
+                       _tree=self._tree or other._tree, draws=draws, n_outputs=n_outputs)
 
     __add__ = merge
 
     # ------------------------------------------------------------------ I/O
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tree"] = None  # a closure over the backend and the parameters (see Notes)
+        return state
+
     def to_numpy(self) -> FisherEstimate:
         """A copy whose arrays are NumPy arrays (values become ``{name: array}`` dicts)."""
         return replace(self, parts=[_to_numpy(x) for x in self.parts], _tree=None)
 
     def save(self, path) -> None:
-        """Write to ``.npz`` (arrays plus JSON metadata; no pickle)."""
+        """Write to ``.npz`` (arrays plus JSON metadata; no pickle).
+
+        Like ``numpy.savez``, a path without the ``.npz`` suffix gets it: ``save("f")`` writes
+        ``f.npz``, which ``load("f")`` and ``load("f.npz")`` both read.
+        """
         meta = {k: getattr(self, k) for k in _META}
         meta["names"] = self.names
         meta["block_shapes"] = self.block_shapes
@@ -157,7 +181,8 @@ class FisherEstimate:
 
     @classmethod
     def load(cls, path) -> FisherEstimate:
-        """Read an estimate written by :meth:`save` (NumPy arrays)."""
+        """Read an estimate written by :meth:`save` (NumPy arrays); ``path`` with or without ``.npz``."""
+        path = _npz_path(path)
         with np.load(path, allow_pickle=False) as f:
             meta = json.loads(str(f["__meta__"]))
             parts = [f[f"part{i}"] for i in range(len(meta["names"]))]
@@ -165,6 +190,15 @@ class FisherEstimate:
         meta["block_shapes"] = {k: tuple(v) for k, v in meta["block_shapes"].items()}  # JSON lists
         return cls(names=names, parts=parts, **meta)
 
+
+
+def _npz_path(path):
+    """``path``, or ``path + ".npz"`` where only that exists (what ``numpy.savez`` wrote)."""
+    if isinstance(path, (str, os.PathLike)):
+        p = os.fspath(path)
+        if not os.path.exists(p) and not p.endswith(".npz") and os.path.exists(p + ".npz"):
+            return p + ".npz"
+    return path
 
 
 # Methods that draw nothing at random: their estimate is a deterministic sum over inputs.

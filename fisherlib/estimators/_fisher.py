@@ -6,14 +6,15 @@ import itertools
 import math
 import operator
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from .. import backends as _backends
 from ..core import cotangents
 from ..core._compat import array_namespace, as_floating, device, is_eager, logits_problem
-from . import _blocks, _products
+from . import _blocks, _outputs, _products
+from ._batches import batches as _batches
 from ._estimate import DETERMINISTIC, FisherEstimate, stderr_kind
 
 Array = Any
@@ -48,6 +49,10 @@ def fisher(
     backend: Any = None,
     progress: bool = False,
     chunk_size: int | None = None,
+    labels: str | None = "labels",
+    logits: Callable[[Any], Array] | None = None,
+    mask: str | Callable[[Any], Array] | None = "attention_mask",
+    ignore_index: int | None = -100,
 ) -> FisherEstimate:
     r"""Estimate the Fisher information F(θ) = Σ_x J_xᵀ I(z_x) J_x of a classifier.
 
@@ -156,26 +161,33 @@ def fisher(
     be = None
     parts: list[Array] | None = None
     n_inputs = 0
-    bar = _Progress(_batches(batches), progress)
-    for b, (inputs, labels) in enumerate(bar):
+    n_outputs = 0
+    bar = _Progress(_batches(batches, labels), progress)
+    for b, (inputs, y) in enumerate(bar):
         if be is None:  # a module with params=None is identified by its inputs
-            be = _resolve_backend(backend, params if params is not None else inputs)
+            be = _with_output(_resolve_backend(backend, params if params is not None else inputs), logits)
         # Per-example methods run the layer-I/O forward where the adapter has one.
         got = _products.forward(be, model, params, inputs) if opts["per_example"] else None
-        logits, vjp, capture = (got[0], None, got[1]) if got else (*be.linearize(model, params, inputs), None)
-        z, C = _check_logits(logits, b, likelihood)
+        out, vjp, capture = (got[0], None, got[1]) if got else (*be.linearize(model, params, inputs), None)
+        z, C = _check_logits(out, b, likelihood)
+        shape = tuple(out.shape)
+        m, y = _outputs.weights(inputs, y, out, mask=mask, ignore_index=ignore_index, likelihood=likelihood,
+                                b=b, needed=method == "empirical")
         if parts is None:
-            template = _parameter_tree(be, model, params, logits, vjp, inputs)
+            template = _parameter_tree(be, model, params, out, vjp, inputs)
             names = [n for n, _ in be.leaves(template)]
             shapes = [tuple(x.shape) for _, x in be.leaves(template)]
             plan = _blocks.plan(names, shapes, blocks) if structure == "blocks" else None
-        n = z.shape[0]
+        n = shape[0]  # inputs; z has a row per output (position)
         done.append(next(index))
         if method == "exact":  # the C columns in chunks, never the dense (C, n, C) stack
-            per_column = max(z.shape[0] * C, capture.elements if capture is not None else 0)
-            cts = _products.column_chunks(z, tuple(logits.shape), opts, _products.ELEMENTS // per_column)
+            cts = _products.column_chunks(z, shape, opts, capture.elements if capture else 0)
         else:
-            cts = [_reshape_like(_cotangent(be, z, labels, b, opts, done[-1]), logits)]  # (K, *logits.shape)
+            cts = [_reshape_like(_cotangent(be, z, y, b, opts, done[-1]), out)]  # (K, *logits.shape)
+        if m is not None:  # masked outputs and ignored labels: zero cotangents
+            cts = _outputs.masked(cts, m, shape)
+        if method == "empirical" and _outputs.positions(shape) > 1:  # token-level: a column per position
+            cts = _outputs.by_position(cts, shape, _products.ELEMENTS)
         if opts["per_example"]:
             contrib = _products.per_example(
                 be, model, params, inputs, cts, capture, structure=structure, plan=plan, shapes=shapes,
@@ -185,6 +197,7 @@ def fisher(
             contrib = _products.accumulate([g[:, None, ...] for g in grads], structure, plan, sum_probes=False)
         parts = contrib if parts is None else [a + c for a, c in zip(parts, contrib)]
         n_inputs += n
+        n_outputs += _outputs.count(m, shape)
         bar.inputs(n_inputs)
     if parts is None:
         raise ValueError("batches: no batch was given")
@@ -200,12 +213,26 @@ def fisher(
         bound=bound, rank=rank if bound == "lower" else 1, reduction=reduction, n_inputs=n_inputs,
         n_probes=K, per_example=opts["per_example"], dist=dist if method == "hutchinson" else "none",
         stderr_kind=kind, seed=seed if not deterministic else None,
-        block_shapes=_blocks.shapes_of(plan) if plan else {}, _tree=tree,
+        block_shapes=_blocks.shapes_of(plan) if plan else {}, _tree=tree, n_outputs=n_outputs,
         draws=_record(done, None if deterministic else seed),
     )
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _with_output(be, logits):
+    """The backend taking the logits from the model's output with ``logits`` (when given)."""
+    if logits is None:
+        return be
+    if not callable(logits):
+        raise TypeError(f"logits: expected a callable taking the model's output to its logits, "
+                        f"got {type(logits).__name__}")
+    with_output = getattr(be, "with_output", None)
+    if with_output is None:
+        raise TypeError(f"logits: the {getattr(be, 'name', type(be).__name__)!r} backend takes models "
+                        "that return their logits; it has no with_output(fn)")
+    return with_output(logits)
 
 
 def _resolve_backend(backend, params):
@@ -283,19 +310,6 @@ def _integer(name: str, value: Any, least: int) -> int:
     if number < least:
         raise ValueError(f"{name}: expected an integer >= {least}, got {number}")
     return number
-
-
-def _batches(batches: Any) -> Iterable[tuple[Any, Any]]:
-    """Yield (inputs, labels or None) from a single array or an iterable of batches."""
-    if hasattr(batches, "shape") and hasattr(batches, "dtype"):
-        batches = [batches]
-    for item in batches:
-        if isinstance(item, (tuple, list)):
-            if len(item) != 2:
-                raise ValueError(f"batches: expected inputs or (inputs, labels) pairs, got a {len(item)}-tuple")
-            yield item[0], item[1]
-        else:
-            yield item, None
 
 
 class _Progress:

@@ -22,6 +22,7 @@ from ..core import cotangents
 from ..core import layers as core_layers
 from ..core._compat import array_namespace, device
 from . import _blocks
+from ._batches import slice_tree
 
 Array = Any
 
@@ -37,10 +38,11 @@ def forward(be, model, params, inputs):
     return layer_io(model, params, inputs)
 
 
-def column_chunks(z: Array, shape: tuple[int, ...], opts: dict, budget: int) -> Iterator[Array]:
+def column_chunks(z: Array, shape: tuple[int, ...], opts: dict, per_column: int) -> Iterator[Array]:
     """The exact method's cotangent columns, (m, *shape) at a time, never all C at once.
 
-    ``shape`` is the logits' shape (N, ..., C). With positions (N, T, C) every output
+    ``shape`` is the logits' shape (N, ..., C); ``per_column`` the entries one column costs
+    downstream (its cotangents at every captured layer). With positions (N, T, C) every output
     distribution needs its own columns: column (t, k) is the factor's column k at position t
     and zero elsewhere, so that per-example products never mix two outputs' terms.
     """
@@ -48,7 +50,7 @@ def column_chunks(z: Array, shape: tuple[int, ...], opts: dict, budget: int) -> 
     N, C = shape[0], shape[-1]
     T = math.prod(shape[1:-1])
     M = opts["rank"] if opts["bound"] == "lower" else C
-    step = max(1, min(M, budget // max(1, z.shape[0] * C)))
+    step = max(1, min(M, ELEMENTS // max(1, per_column, z.shape[0] * C)))
     for t in range(T):
         for k in range(0, M, step):
             cols = cotangents.exact_columns(z, opts["likelihood"], opts["bound"], opts["rank"],
@@ -110,7 +112,7 @@ def _by_layers(be, model, params, inputs, ct, capture, structure, plan, shapes, 
             for role, a in core_layers.per_example_grads(layer, i, j).items():
                 grads[index[layer.leaves[role]]] = a
         if uncovered:
-            tree = be.per_example_vjp(model, params, slice_inputs(inputs, i, j), ct[:, i:j, ...])
+            tree = be.per_example_vjp(model, params, slice_tree(inputs, i, j), ct[:, i:j, ...])
             rest = [g for _, g in be.leaves(tree)]
             for u in uncovered:
                 grads[u] = rest[u]
@@ -131,7 +133,7 @@ def _generic(be, model, params, inputs, ct, structure, plan, P, summed, chunk_si
     for i in range(0, n, chunk):
         j = min(i + chunk, n)
         for k in range(0, K, kchunk):
-            tree = be.per_example_vjp(model, params, slice_inputs(inputs, i, j), ct[k:k + kchunk, i:j, ...])
+            tree = be.per_example_vjp(model, params, slice_tree(inputs, i, j), ct[k:k + kchunk, i:j, ...])
             grads = [g for _, g in be.leaves(tree)]
             c = accumulate(grads, structure, plan, sum_probes=summed)
             total = c if total is None else [a + x for a, x in zip(total, c)]
