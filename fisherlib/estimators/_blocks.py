@@ -10,6 +10,8 @@ Array = Any
 
 # Largest block size (side of a dense block) that "blocks" will hold.
 MAX_BLOCK = 4096
+# Largest number of entries of one leaf's blocks (units x size x size): 512 MB in float64.
+MAX_ENTRIES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -29,14 +31,16 @@ class Block:
 def plan(names: list[str], shapes: list[tuple[int, ...]], blocks) -> list[Block]:
     """Turn the user's ``blocks=`` argument into a list of :class:`Block`.
 
-    ``None``: one block per leaf. ``"unitwise"``: per output unit, a row of each weight matrix
+    ``None``: one block per leaf; a leaf larger than ``MAX_BLOCK`` gets a block per output
+    unit instead (per row: a convolution's output channel, a linear layer's output), when
+    those fit; otherwise a ValueError names the leaf. ``"unitwise"``: per output unit, a row of each weight matrix
     with its bias entry (Amari, Karakida & Oizumi's unit-wise Fisher). A sequence of groups of
     leaf names, or a dict {block name: group}: each group becomes one block, and every leaf not
     named stays a block of its own.
     """
     index = {n: i for i, n in enumerate(names)}
     if blocks is None:
-        out = [Block(n, (i,), 1, math.prod(shapes[i])) for i, n in enumerate(names)]
+        out = [_leaf_block(i, n, shapes[i]) for i, n in enumerate(names)]
     elif isinstance(blocks, str):
         if blocks != "unitwise":
             raise ValueError(f"blocks: expected None, 'unitwise', or groups of leaf names, got {blocks!r}")
@@ -58,13 +62,25 @@ def plan(names: list[str], shapes: list[tuple[int, ...]], blocks) -> list[Block]
             out.append(Block(label or "+".join(group), ids, 1, sum(math.prod(shapes[i]) for i in ids)))
         out += [Block(n, (i,), 1, math.prod(shapes[i])) for i, n in enumerate(names) if n not in used]
     for b in out:
-        if b.size > MAX_BLOCK:
+        if b.size > MAX_BLOCK or b.units * b.size ** 2 > MAX_ENTRIES:
+            what = f"{b.units} blocks of size {b.size}" if b.units > 1 else f"size {b.size}"
+            advice = ("name smaller groups in blocks=" if len(b.leaves) > 1 else
+                      "its rows are too long for dense blocks" if b.units > 1 else
+                      "a vector this long has no smaller units")
             raise ValueError(
-                f"blocks: block {b.name!r} has size {b.size}, so its dense matrix would hold "
-                f"{b.size ** 2} entries; blocks larger than {MAX_BLOCK} are refused. Split it "
-                "(blocks='unitwise' or smaller groups) or use structure='diag'"
+                f"blocks: block {b.name!r} has {what} ({b.units * b.size ** 2} entries); blocks larger "
+                f"than {MAX_BLOCK} or {MAX_ENTRIES} entries per leaf are refused ({advice}). Use "
+                "structure='diag' for it, or leave it out: a dict params= of the other leaves"
             )
     return out
+
+
+def _leaf_block(i: int, name: str, shape: tuple[int, ...]) -> Block:
+    """The default block of a leaf: whole, or per output unit when whole is too large."""
+    size = math.prod(shape)
+    if size <= MAX_BLOCK or len(shape) < 2:
+        return Block(name, (i,), 1, size)
+    return Block(name, (i,), shape[0], math.prod(shape[1:]))
 
 
 def _unitwise(names, shapes):
@@ -86,7 +102,10 @@ def _find_bias(i, names, shapes, taken):
     named = [j for j in candidates if names[j] == names[i].replace("weight", "bias")]
     if named:
         return named[0]
-    following = [j for j in candidates if j == i + 1]
+    # The next leaf of the same layer only: a convolution without bias is followed by a
+    # batch norm's weight, which is not its bias.
+    layer = names[i].rpartition(".")[0]
+    following = [j for j in candidates if j == i + 1 and names[j].rpartition(".")[0] == layer]
     return following[0] if following else None
 
 

@@ -62,8 +62,14 @@ def fisher(
         The network and its parameters, as the backend takes them (a torch ``nn.Module`` with
         ``params=None`` or a dict; a JAX ``f(params, x)`` with a pytree; an explicit-VJP model).
     batches
-        An iterable of input arrays or of ``(inputs, labels)`` pairs (labels are used by
-        ``method="empirical"`` only); a single array is one batch. A torch DataLoader works.
+        An iterable of batches: inputs, or ``(inputs, labels)`` pairs, or dicts (a tokenizer's
+        output) whose ``labels`` entry holds the labels. Inputs are an array or a tree of
+        arrays (dict, tuple, list) with the inputs along the first axis: an ``nn.Module`` takes
+        a dict as keyword arguments and a tuple as positional ones (``((x1, x2), y)``); a
+        function ``f(params, x)`` gets it as ``x``. A single array or dict is one batch; one
+        ``(inputs, labels)`` pair must be given as ``[(inputs, labels)]``. Labels are used by
+        ``method="empirical"`` (and mark ignored positions, see ``ignore_index``). A torch
+        DataLoader works.
     structure : {"diag", "blocks", "sketch", "trace"}
         What to estimate: the diagonal (a tree shaped like ``params``), dense blocks (see
         ``blocks``), a low-rank sketch F̂ = G Gᵀ/K, or the trace.
@@ -106,6 +112,20 @@ def fisher(
         Show a tqdm progress bar with inputs per second.
     chunk_size : int, optional
         Inputs per per-example VJP call (default: what fits 2^24 gradient entries).
+    labels : str or None
+        The key of the labels in dict batches, taken out before the model is called.
+    logits : callable, optional
+        ``logits(output)``: the logits in the model's output. By default the output itself, its
+        ``.logits`` (HuggingFace ``ModelOutput``) or its ``"logits"`` entry.
+    mask : str, callable or None
+        For logits with positions, (N, T, C): which outputs count. The key of a 0/1 mask
+        (N, T) in dict inputs (default ``"attention_mask"``; ignored when the logits have no
+        positions, as for a sequence classifier), a callable ``mask(inputs)``, or None.
+    ignore_index : int or None
+        Positions whose label equals it count for no method (as in torch's cross-entropy).
+        The Fisher is token-level, F = Σ_n Σ_t m_nt J_ntᵀ I(z_nt) J_nt over counted positions;
+        ``n_inputs`` counts inputs and ``n_outputs`` the positions counted
+        (``docs/huggingface-and-sequences.md``).
 
     Returns
     -------

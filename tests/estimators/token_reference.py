@@ -31,18 +31,19 @@ def _call(model, x):
     return getattr(out, "logits", out)
 
 
-def token_fisher(model, inputs, weights, params=None, labels=None):
+def token_fisher(model, inputs, weights, params=None, labels=None, full=True):
     """(F, names, shapes): F (P, P) over ``params`` (default: all that require grad), float64.
 
     ``weights`` (N, *positions): 1 for counted outputs. With ``labels`` (N, *positions): the
-    empirical Fisher instead.
+    empirical Fisher instead. ``full=False``: only the diagonal, as a diagonal matrix's
+    stand-in (a 1-D array; :func:`diag_tree` takes either) for models too large for P x P.
     """
     named = params if params is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
     names, leaves = list(named), list(named.values())
     weights = np.asarray(weights, dtype=float)
     N = weights.shape[0]
     P = sum(p.numel() for p in leaves)
-    F = np.zeros((P, P))
+    F = np.zeros((P, P)) if full else np.zeros(P)
     for n in range(N):
         z = _call(model, _one(inputs, n))[0]  # (*positions, C)
         C = z.shape[-1]
@@ -61,17 +62,18 @@ def token_fisher(model, inputs, weights, params=None, labels=None):
             J = np.stack(rows)  # (C, P)
             p = torch.softmax(z[t].detach().double(), -1).numpy()
             if y is None:
-                F += w[t] * J.T @ (np.diag(p) - np.outer(p, p)) @ J
+                B = np.diag(np.sqrt(p)) - np.outer(p, np.sqrt(p))  # B Bᵀ = diag(p) - p pᵀ
+                G = J.T @ B  # (P, C): F = G Gᵀ
             else:
-                g = J.T @ (np.eye(C)[int(y[t])] - p)
-                F += w[t] * np.outer(g, g)
+                G = (J.T @ (np.eye(C)[int(y[t])] - p))[:, None]
+            F += w[t] * (G @ G.T if full else np.sum(G * G, axis=1))
     return F, names, [tuple(p.shape) for p in leaves]
 
 
 def diag_tree(F, names, shapes):
     """{name: diagonal block entries shaped like the leaf}."""
     out, i = {}, 0
-    d = np.diag(F)
+    d = np.diag(F) if F.ndim == 2 else F
     for name, shape in zip(names, shapes):
         k = int(np.prod(shape))
         out[name] = d[i:i + k].reshape(shape)
