@@ -1,0 +1,165 @@
+"""Mutation check of the estimator and cotangent code: do the tests notice a planted bug?
+
+Each mutant is one hand-written, plausible bug (a wrong sign, a dropped factor, an off-by-one,
+a reused seed) in the hot spots: ``fisherlib/estimators/_fisher.py``, ``_products.py``,
+``_estimate.py``, ``fisherlib/core/cotangents.py`` and the simplex / hypercube factor products.
+Every mutant is applied to a fresh copy of the package and its tests in a temporary directory
+(never to the working tree), and the estimator tests run against that copy; a mutant whose
+tests still pass *survives*. Run before a release::
+
+    .venv/bin/python scripts/mutation.py            # the committed tree (git HEAD)
+    .venv/bin/python scripts/mutation.py --worktree  # the working tree as it is
+    .venv/bin/python scripts/mutation.py -k stderr   # mutants whose name contains "stderr"
+
+Exit status 0 when every mutant is killed. A mutant whose text is no longer in the source
+(the code moved) is reported as STALE: update its entry below. Results: docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Fast, sharp tests first: with -x a killed mutant stops at its first failing test.
+TESTS = ["tests/estimators/test_fisher.py", "tests/estimators/test_regressions.py",
+         "tests/estimators/test_precision.py", "tests/estimators/test_matrix.py"]
+
+# (name, file, text, replacement): the text must occur exactly once in the file.
+MUTANTS = [
+    # -- the driver
+    ("batch seed ignores the batch", "fisherlib/estimators/_fisher.py",
+     "SeedSequence([seed, b, stream])", "SeedSequence([seed, 0, stream])"),
+    ("label range off by one", "fisherlib/estimators/_fisher.py", "(y >= C)", "(y > C)"),
+    ("JAX labels unchecked again", "fisherlib/estimators/_fisher.py", "if is_eager(y):", "if is_eager(y) and not hasattr(y, 'at'):"),
+    ("upper bound gets F's cotangent", "fisherlib/estimators/_fisher.py",
+     'if opts["bound"] == "upper":', 'if opts["bound"] == "upper-not":'),
+    ("lower bound draws one probe", "fisherlib/estimators/_fisher.py",
+     '(K, n, opts["rank"])', '(K, n, 1)'),
+    # -- products of gradients
+    ("diag squares the batch sum", "fisherlib/estimators/_products.py",
+     "out = [xp.sum(g * g, axis=1) for g in grads]", "out = [xp.sum(g, axis=1) ** 2 for g in grads]"),
+    ("trace drops the square", "fisherlib/estimators/_products.py",
+     "xp.reshape(g * g, (g.shape[0], -1))", "xp.reshape(xp.abs(g), (g.shape[0], -1))"),
+    ("blocks transpose the wrong factor", "fisherlib/estimators/_products.py",
+     "m = xp.matmul(u, xp.matrix_transpose(u))", "m = xp.matmul(u, xp.matrix_transpose(u[..., ::-1, :]))"),
+    ("deterministic columns kept per probe", "fisherlib/estimators/_products.py",
+     "out = [xp.sum(x, axis=0, keepdims=True) for x in out]", "out = [x[:1, ...] for x in out]"),
+    # -- the estimate
+    ("stderr without the 1/sqrt(K)", "fisherlib/estimators/_estimate.py",
+     "xp.std(x, axis=0, correction=1) / math.sqrt(K)", "xp.std(x, axis=0, correction=1)"),
+    ("stderr with ddof 0", "fisherlib/estimators/_estimate.py",
+     "xp.std(x, axis=0, correction=1)", "xp.std(x, axis=0, correction=0)"),
+    ("block stderr sqrt2 |F_ij| (the old bug)", "fisherlib/estimators/_estimate.py",
+     "xp.sqrt(d[..., :, None] * d[..., None, :] + m * m)", "math.sqrt(2.0) * xp.abs(m)"),
+    ("mean divides by N + 1", "fisherlib/estimators/_estimate.py",
+     "1.0 / self.n_inputs if", "1.0 / (self.n_inputs + 1) if"),
+    ("one-probe stderr is the value", "fisherlib/estimators/_estimate.py",
+     "return math.sqrt(2.0) * xp.abs(m)", "return xp.abs(m)"),
+    ("merge forgets the other's inputs", "fisherlib/estimators/_estimate.py",
+     "n_inputs=self.n_inputs + other.n_inputs", "n_inputs=self.n_inputs"),
+    # -- cotangents and factor products
+    ("Hutchinson weight p instead of sqrt p", "fisherlib/core/simplex.py",
+     "sp = xp.exp(0.5 * logp)\n    return restore(sp * xw", "sp = xp.exp(logp)\n    return restore(sp * xw"),
+    ("Hutchinson drops the centring", "fisherlib/core/simplex.py",
+     "sp * xw - xp.exp(logp) * xp.sum(sp * xw, axis=-1, keepdims=True)", "sp * xw"),
+    ("sigmoid factor without the root", "fisherlib/core/hypercube.py",
+     "xp.exp(0.5 * _log_dsigmoid(zw, xp=xp)) * xw", "xp.exp(_log_dsigmoid(zw, xp=xp)) * xw"),
+    ("upper bound weight p", "fisherlib/core/cotangents.py",
+     "namespace_of(z=z, xi=xi).sqrt(p) * xi", "p * xi"),
+    ("lower bound weight lambda", "fisherlib/core/cotangents.py",
+     "w = vec * xp.sqrt(xp.clip(lam, min=0.0))[..., None, :]", "w = vec * xp.clip(lam, min=0.0)[..., None, :]"),
+    ("exact lower columns weight lambda", "fisherlib/core/cotangents.py",
+     "cols = xp.permute_dims(vec * xp.sqrt(xp.clip(lam, min=0.0))[..., None, :], (2, 0, 1))",
+     "cols = xp.permute_dims(vec * xp.clip(lam, min=0.0)[..., None, :], (2, 0, 1))"),
+    ("exact sigmoid columns without the root", "fisherlib/core/cotangents.py",
+     "s = xp.sqrt(hypercube.fim(z))", "s = hypercube.fim(z)"),
+    ("MC sigmoid samples 1 - sigma", "fisherlib/core/cotangents.py",
+     "u < xp.exp(log_sigmoid(zw, xp=xp))", "u > xp.exp(log_sigmoid(zw, xp=xp))"),
+    ("MC softmax samples shifted classes", "fisherlib/core/cotangents.py",
+     "return xp.clip(idx, max=zw.shape[-1] - 1)", "return xp.clip(idx + 1, max=zw.shape[-1] - 1)"),
+    ("residual without p", "fisherlib/core/cotangents.py",
+     "return onehot - xp.exp(log_softmax(zw, xp=xp))", "return onehot - 0.5 * xp.exp(log_softmax(zw, xp=xp))"),
+    ("sigmoid residual without sigma", "fisherlib/core/cotangents.py",
+     "return xp.astype(y, zw.dtype) - xp.exp(log_sigmoid(zw, xp=xp))", "return xp.astype(y, zw.dtype) - 0.5"),
+]
+
+
+def _copy(dest: Path, worktree: bool) -> None:
+    paths = ["fisherlib", "tests", "pyproject.toml"]
+    if worktree:
+        for p in paths:
+            src = ROOT / p
+            (shutil.copytree(src, dest / p, ignore=shutil.ignore_patterns("__pycache__"))
+             if src.is_dir() else shutil.copy2(src, dest / p))
+        return
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", *paths], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+
+
+def _pytest(where: Path, tests: list[str], timeout: float) -> tuple[int, float, str]:
+    env = dict(os.environ, FISHERLIB_TEST_BACKENDS="numpy", PYTHONDONTWRITEBYTECODE="1")
+    env["PYTHONPATH"] = str(where)  # pytest also puts the copy's root first (rootdir conftest)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                              cwd=where, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, time.perf_counter() - t0, "timeout"
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    return proc.returncode, time.perf_counter() - t0, tail[-1] if tail else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worktree", action="store_true", help="mutate a copy of the working tree, not git HEAD")
+    ap.add_argument("-k", default="", help="only mutants whose name contains this text")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per test run (default 900)")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.k in m[0]]
+    with tempfile.TemporaryDirectory(prefix="fisherlib-mutation-") as tmp:
+        base = Path(tmp) / "base"
+        base.mkdir()
+        _copy(base, args.worktree)
+        check = subprocess.run([sys.executable, "-c", "import fisherlib; print(fisherlib.__file__)"], cwd=base,
+                               env=dict(os.environ, PYTHONPATH=str(base)), capture_output=True, text=True)
+        if not check.stdout.strip().startswith(str(base)):
+            print(f"the copy is not the fisherlib that imports: {check.stdout or check.stderr}")
+            return 2
+        rc, secs, last = _pytest(base, TESTS, args.timeout)
+        print(f"unmutated: {'pass' if rc == 0 else 'FAIL'} in {secs:.0f} s ({last})")
+        if rc != 0:
+            print("the tests fail without a mutant; fix that first")
+            return 2
+        survivors, stale = [], []
+        print(f"{'mutant':45} {'file':34} {'result':9} {'s':>5}")
+        for name, file, old, new in chosen:
+            work = Path(tmp) / "m"
+            if work.exists():
+                shutil.rmtree(work)
+            shutil.copytree(base, work)
+            path = work / file
+            text = path.read_text()
+            if text.count(old) != 1:
+                stale.append(name)
+                print(f"{name:45} {file.split('fisherlib/')[-1]:34} {'STALE':9} {'':>5}")
+                continue
+            path.write_text(text.replace(old, new))
+            rc, secs, last = _pytest(work, TESTS, args.timeout)
+            result = "killed" if rc == 1 else "SURVIVED" if rc == 0 else f"error {rc}"
+            if rc == 0:
+                survivors.append(name)
+            print(f"{name:45} {file.split('fisherlib/')[-1]:34} {result:9} {secs:5.0f}", flush=True)
+        print(f"\n{len(chosen) - len(survivors) - len(stale)} of {len(chosen)} mutants killed; "
+              f"survivors: {survivors or 'none'}; stale: {stale or 'none'}")
+        return 1 if survivors or stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
