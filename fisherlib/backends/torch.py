@@ -17,6 +17,7 @@ import torch
 from array_api_compat import is_array_api_obj
 from torch import nn
 
+from .torch_layers import frozen_statistics
 from ._common import (
     BatchNormWarning,
     check_ct,
@@ -214,7 +215,7 @@ class TorchBackend:
             raise ValueError("params: no floating parameters that require grad")
         if not (isinstance(model, nn.Module) and params is None):
             leaves = [t.detach().requires_grad_(True) for t in leaves]  # aliases, no copies
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen_statistics(model):  # no call changes running statistics
             out = call(leaves, inputs)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"model: expected a tensor of logits, got {type(out).__name__}")

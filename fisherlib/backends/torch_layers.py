@@ -21,10 +21,10 @@ LayerNorm, RMSNorm, GroupNorm          scale_shift    weight (scale), bias (shif
 BatchNorm1d/2d/3d in eval mode         scale_shift    weight (scale), bias (shift)
 =====================================  =============  ==========================================
 
-A leaf is covered only if every use of it in the autograd graph comes from a recognised call:
-a parameter also used directly in the forward (a tied weight, ``nn.MultiheadAttention``'s
-projections, a positional embedding added as a tensor) is counted in the graph and handed to
-the generic per-example VJP instead.
+A leaf is covered only if it has one use in the autograd graph and that use is a recognised
+call: a parameter also used directly in the forward (``nn.MultiheadAttention``'s projections, a
+positional embedding added as a tensor), a tied weight or a module called twice is counted in
+the graph and handed to the generic per-example VJP instead.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -85,19 +86,27 @@ def _batch_statistics(m) -> bool:
 
 @contextlib.contextmanager
 def frozen_statistics(model: Any):
-    """Run a forward without changing any batch-norm running statistics."""
+    """Run a forward without changing any batch-norm running statistics.
+
+    Modules in training mode update copies of their buffers, and get their own back afterwards:
+    restoring values in place instead would change tensors the backward pass has saved.
+    """
     if not isinstance(model, nn.Module):
         yield
         return
-    saved = [(b, b.detach().clone()) for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    saved = [(m, {n: getattr(m, n) for n in names}) for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m, buffers in saved:
+        for n, b in buffers.items():
+            if b is not None:
+                setattr(m, n, b.clone())
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
+        for m, buffers in saved:
+            for n, b in buffers.items():
+                setattr(m, n, b)
 
 
 def capture(backend, model: nn.Module, params: Any, inputs: Any, run: Callable):
@@ -119,7 +128,7 @@ def capture(backend, model: nn.Module, params: Any, inputs: Any, run: Callable):
             f"model: {type(bn[0]).__name__} normalises with the statistics of the batch (training mode), "
             "which couples the inputs, so per-example Fisher products are not defined; call model.eval() "
             "first, or use a batch method (method='hutchinson' or 'mc' with per_example=False)")
-    if model.training and any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules()):
         warnings.warn(
             f"model: {type(model).__name__} is in training mode with dropout, so its forward is random; "
             "the per-example products are those of one forward (method='exact' gives the exact Fisher "
@@ -127,20 +136,28 @@ def capture(backend, model: nn.Module, params: Any, inputs: Any, run: Callable):
             StochasticModelWarning, stacklevel=4)
     index = {id(t): i for i, t in enumerate(leaves)}
     calls: list[_Call] = []
-    clone: set[int] = set()
+    clone: set[int] = set()  # modules whose output is changed in place later
+    expand: set[int] = set()  # modules whose (1, ...) output broadcasts over the batch
+    n = [0]
 
     def hook(module, args, out):
         kind = _kind(module)
-        if kind is None or not args or not isinstance(out, torch.Tensor):
+        if kind is None or not args or not isinstance(out, torch.Tensor) or not isinstance(args[0], torch.Tensor):
             return None
         roles = {r: index[id(p)] for r in _ROLES[kind]
                  if isinstance(p := getattr(module, r, None), torch.Tensor) and id(p) in index}
         if not roles:
             return None
-        calls.append(_Call(module, kind, roles, args[0].detach(), out))
-        # An output changed in place later (ReLU(inplace=True)) would no longer be the layer's
-        # output: hand the rest of the model a copy, whose gradient flows back to ``out``.
-        return out.clone() if id(module) in clone else None
+        x, y, new = args[0].detach(), out, None
+        if id(module) in expand:  # one output for the whole batch: make every input's row its own
+            x, y = x.expand(n[0], *x.shape[1:]), out.expand(n[0], *out.shape[1:])
+            new = y
+        if id(module) in clone:
+            # ReLU(inplace=True) after the layer would overwrite its output: hand the rest of the
+            # model a copy, whose gradient flows back to the recorded output.
+            new = y.clone()
+        calls.append(_Call(module, kind, roles, x, y))
+        return new
 
     def forward():
         calls.clear()
@@ -153,13 +170,57 @@ def capture(backend, model: nn.Module, params: Any, inputs: Any, run: Callable):
                 h.remove()
         return logits
 
-    versions = None
+    rng = _rng_state()
     out = forward()
-    versions = [c.y._version for c in calls]
-    if any(v != 0 for v in versions):  # e.g. ReLU(inplace=True) after a layer: capture a copy
-        clone.update(id(c.module) for c in calls if c.y._version != 0)
+    n[0] = N = out.shape[0] if out.ndim else 1
+    drop = {id(c.module) for c in calls if c.x.ndim == 0 or c.x.shape[0] not in (1, N)}
+    expand.update(id(c.module) for c in calls if N > 1 and c.x.ndim and c.x.shape[0] == 1 and c.y.shape[:1] == (1,))
+    clone.update(id(c.module) for c in calls if c.y._version != 0)
+    if expand or clone:
+        first = out.detach()
+        _set_rng_state(rng)  # the same dropout masks
         out = forward()
+        if expand and not torch.equal(out.detach(), first):  # it was not broadcast over the batch
+            drop |= expand
+            expand.clear()
+            _set_rng_state(rng)
+            out = forward()
+    drop |= _not_batch_major(model, inputs, out, calls)
+    calls[:] = [c for c in calls if id(c.module) not in drop]
     return out.detach(), LayerCapture(calls, out, names, leaves, backend.batch_probes)
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _not_batch_major(model, inputs, out, calls) -> set[int]:
+    """Modules whose rows are not one per input (a (T, N, d) sequence-first layout, say).
+
+    The cotangent of input 0's logits alone must vanish on every other input's rows of a
+    layer's output; one backward shows it, once per model and input shapes.
+    """
+    N = out.shape[0] if out.ndim else 1
+    if N < 2 or not calls:
+        return set()
+    key = tuple(tuple(a.shape) for a in torch.utils._pytree.tree_leaves(inputs) if isinstance(a, torch.Tensor))
+    seen = _LAYOUTS.setdefault(model, {})
+    if key not in seen:
+        ct = torch.zeros_like(out)
+        ct[0] = torch.randn(out.shape[1:], dtype=out.dtype, device=out.device)
+        gs = torch.autograd.grad(out, [c.y for c in calls], ct, retain_graph=True, allow_unused=True)
+        seen[key] = {id(c.module) for c, g in zip(calls, gs) if g is not None and bool(g[1:].ne(0).any())}
+    return seen[key]
+
+
+def _rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 class LayerCapture:
@@ -174,8 +235,10 @@ class LayerCapture:
         for c in calls:
             for i in c.roles.values():
                 recorded[i] += 1
-        # A leaf is covered when every use of it in the graph is a recognised call.
-        covered = {i for i, n in enumerate(recorded) if n and n == uses.get(id(leaves[i]), 0)}
+        # A leaf is covered when its one use in the graph is one recognised call; a leaf used
+        # twice (tied weights, a module called twice) needs its uses summed per input before
+        # squaring, which the generic path does.
+        covered = {i for i, n in enumerate(recorded) if n == 1 and uses.get(id(leaves[i]), 0) == 1}
         self.calls = []
         for c in calls:
             c.roles = {r: i for r, i in c.roles.items() if i in covered}
