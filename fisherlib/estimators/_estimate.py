@@ -232,22 +232,25 @@ _EVERY_BATCH = 2**62  # stop of the range recorded when the batches are unknown
 
 
 def _join_draws(a: tuple, b: tuple) -> tuple:
-    """The union of two draw records; ValueError where they share a (seed, batch)."""
-    for seed, start, stop in a:
-        for seed2, start2, stop2 in b:
-            if seed == seed2 and start < stop2 and start2 < stop:
-                what = ("batches" if seed is None else f"draws of seed={seed} for batches")
-                lo, hi = max(start, start2), min(stop, stop2) - 1
-                span = "every batch" if hi >= _EVERY_BATCH - 1 else f"{lo}..{hi}"
-                raise ValueError(
-                    f"other: both estimates count the {what} {span}, so the merge would count them "
-                    "twice; give each part of the data its own seed or its own first_batch")
+    """The union of two draw records; ValueError where they share a (seed, batch).
+
+    Each record is disjoint in itself, so any overlap in the sorted union is between the two:
+    one sweep, O(n log n) in the number of ranges (strided shards have one per batch).
+    """
     out: list[tuple] = []
     for t in sorted(a + b, key=lambda t: (t[0] is None, t[0] or 0, t[1])):
-        if out and out[-1][0] == t[0] and out[-1][2] == t[1]:
-            out[-1] = (t[0], out[-1][1], t[2])
+        seed, start, stop = t
+        if out and out[-1][0] == seed and start < out[-1][2]:
+            lo, hi = start, min(stop, out[-1][2]) - 1
+            what = "batches" if seed is None else f"draws of seed={seed} for batches"
+            span = "every batch" if hi >= _EVERY_BATCH - 1 else f"{lo}..{hi}"
+            raise ValueError(
+                f"other: both estimates count the {what} {span}, so the merge would count them "
+                "twice; give each part of the data its own seed or its own first_batch")
+        if out and out[-1][0] == seed and out[-1][2] == start:
+            out[-1] = (seed, out[-1][1], stop)
         else:
-            out.append(tuple(t))
+            out.append((seed, start, stop))
     return tuple(out)
 
 
