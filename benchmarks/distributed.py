@@ -42,16 +42,18 @@ def data(cfg):
     return [torch.randn(cfg["N"], cfg["D"], generator=g) for _ in range(cfg["B"])]
 
 
-def _median(fn, repeats, barrier=None):
-    times = []
+def _median(fn, repeats, barrier=None, cpu=False):
+    """Median wall time of ``fn`` (and, with ``cpu``, median CPU time of this process)."""
+    times, cpus = [], []
     fn()  # warm-up
     for _ in range(repeats):
         if barrier:
             barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        cpus.append(time.process_time() - c0)
+    return (statistics.median(times), statistics.median(cpus)) if cpu else statistics.median(times)
 
 
 def rank_main(rank, world, init, cfg, out):
@@ -66,7 +68,11 @@ def rank_main(rank, world, init, cfg, out):
     mine = batches[rank::world]
     kw = dict(probes=cfg["K"], seed=0)
     rows = {}
-    rows["total"] = _median(lambda: fd.fisher(model, None, mine, **kw), cfg["repeats"], dist.barrier)
+    rows["total"], my_cpu = _median(lambda: fd.fisher(model, None, mine, **kw), cfg["repeats"], dist.barrier,
+                                    cpu=True)
+    cpus = [None] * world
+    dist.all_gather_object(cpus, my_cpu)
+    rows["cpu"] = sum(cpus)  # CPU seconds of all ranks: the work, whatever the machine's load
     est = fd.fisher(model, None, mine, **kw)
     buf = torch.cat([x.reshape(-1) for x in est.parts])
 
@@ -111,7 +117,8 @@ def single(cfg, threads):
 
     torch.set_num_threads(threads)
     model, batches = mlp(cfg["D"], cfg["H"], cfg["C"]), data(cfg)
-    return _median(lambda: fisherlib.fisher(model, None, batches, probes=cfg["K"], seed=0), cfg["repeats"])
+    return _median(lambda: fisherlib.fisher(model, None, batches, probes=cfg["K"], seed=0), cfg["repeats"],
+                   cpu=True)
 
 
 def main(argv=None):
@@ -133,8 +140,8 @@ def main(argv=None):
           f"MLP {cfg['D']}-{cfg['H']}-{cfg['H']}-{cfg['C']}, {cfg['B']} batches of {cfg['N']}, "
           f"Hutchinson diag K={cfg['K']}; medians of {cfg['repeats']}\n")
     worlds = [int(w) for w in args.worlds.split(",")]
-    t1 = single(cfg, 1)
-    t1_all = single(cfg, os.cpu_count() or 1)
+    t1, c1 = single(cfg, 1)
+    t1_all, c1_all = single(cfg, os.cpu_count() or 1)
     results = {w: run_world(w, cfg) for w in worlds}
     if 2 in results:
         r = results[2]
@@ -144,13 +151,15 @@ def main(argv=None):
             t = r[f"allreduce-{P}"]
             print(f"| {P:.0e} | {t * 1e3:.2f} | {4 * P / t / 1e9:.3f} |")
         print()
-    print("| processes | time (s) | speed-up T1/TW | efficiency | all-reduce share |")
-    print("|---:|---:|---:|---:|---:|")
-    print(f"| 1 (1 thread) | {t1:.3f} | 1.00 | 1.00 | - |")
-    print(f"| 1 ({os.cpu_count()} threads) | {t1_all:.3f} | {t1 / t1_all:.2f} | - | - |")
+    print("| processes | wall (s) | speed-up T1/TW | efficiency T1/(W TW) | all-reduce share of TW "
+          "| CPU s, all ranks | CPU / CPU of 1 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| 1 (1 thread) | {t1:.3f} | 1.00 | 1.00 | - | {c1:.3f} | 1.00 |")
+    print(f"| 1 ({os.cpu_count()} threads) | {t1_all:.3f} | {t1 / t1_all:.2f} | - | - | {c1_all:.3f} | "
+          f"{c1_all / c1:.2f} |")
     for w, r in results.items():
         print(f"| {w} | {r['total']:.3f} | {t1 / r['total']:.2f} | {t1 / (w * r['total']):.2f} | "
-              f"{r['reduce'] / r['total']:.1%} |")
+              f"{r['reduce'] / r['total']:.1%} | {r['cpu']:.3f} | {r['cpu'] / c1:.2f} |")
     print(f"\n# estimate size P = {results[worlds[0]]['P']} floats; load average "
           f"{os.getloadavg()[0]:.1f} at the end")
 
