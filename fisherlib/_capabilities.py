@@ -28,11 +28,14 @@ __all__ = [
     "BACKENDS",
     "CAPABILITIES",
     "FEATURES",
+    "LAYERS",
     "BackendInfo",
     "Feature",
+    "LayerRule",
     "Requirement",
     "Status",
     "Support",
+    "render_layers",
     "render_markdown",
     "support",
     "update_docs",
@@ -111,6 +114,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("core", "core functions (`simplex`, `hypercube`)", "core"),
     Feature("batched_vjp", "`linearize` + K cotangents pulled back in one call", "batched VJP"),
     Feature("per_example", "per-example VJPs (`per_example_vjp`)", "per-example"),
+    Feature("layer_io", "layer I/O: per-example products from layer inputs and output cotangents "
+            "(`layer_io`)", "layer I/O"),
     Feature("jvp", "Jacobian-vector products (`jvp`: F·v in `fisherlib.spectral`)", "JVP"),
     Feature("own_params", "models that own their parameters (`params=None`)", "own parameters"),
     Feature("jit", "jit / tracing", "jit"),
@@ -132,6 +137,8 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "per_example": _depends(
             _EXPLICIT.format("NumPy") + "; without a `per_example_vjp` method, one `vjp` per input"
         ),
+        "layer_io": _no("explicit-VJP models have no layers to recognise: per-example methods use "
+                        "`per_example_vjp`"),
         "jvp": _depends(
             "explicit-VJP models that state `jvp(params, x, tangent)` (`fisherlib.models` do); "
             "without it `fisherlib.spectral` falls back to C per-example VJPs per input"
@@ -149,6 +156,11 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
             "`torch.func.vmap` runs each input as a batch of one: batch norm in training mode "
             "fails (call `model.eval()`)"
         ),
+        "layer_io": _yes(
+            "forward hooks on the recognised modules (see the supported-layers table in "
+            "`docs/per-example.md`) and one batched `autograd.grad` to their outputs; other leaves "
+            "take the per-example VJP"
+        ),
         "jvp": _yes("`torch.func.jvp` of `functional_call`, K directions in one `torch.func.vmap`"),
         "own_params": YES,  # an nn.Module's parameters with requires_grad=True
         "jit": _no(
@@ -163,6 +175,7 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "core": YES,
         "batched_vjp": YES,  # one vmap of the pullback
         "per_example": YES,  # jax.vmap, or jax.lax.map in chunks
+        "layer_io": _no("not yet: per-example methods use the per-example VJP (`jax.vmap`)"),
         "jvp": _yes("`jax.jvp`; K directions through one `jax.linearize` and `vmap`, jit-compiled"),
         "own_params": _no(
             "JAX models are pure functions `f(params, x)`: pass the parameter pytree (flax "
@@ -180,6 +193,7 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "core": YES,
         "batched_vjp": _depends(_CUPY_MODELS),
         "per_example": _depends(_CUPY_MODELS),
+        "layer_io": _depends("a torch model fed CuPy data keeps the torch adapter's layer I/O"),
         "jvp": _no(
             "no `jvp` in the adapter: `fisherlib.spectral` falls back to the Jacobian rows, C "
             "per-example VJPs per input"
@@ -194,6 +208,7 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "core": YES,
         "batched_vjp": _depends("through the `numpy` adapter: explicit-VJP models only"),
         "per_example": _depends("through the `numpy` adapter: explicit-VJP models only"),
+        "layer_io": _no("through the `numpy` adapter: explicit-VJP models have no layers to recognise"),
         "jvp": _depends("through the `numpy` adapter: explicit-VJP models with a `jvp` method"),
         "own_params": _no("explicit-VJP models take their parameters as an argument"),
         "jit": _no("an eager reference implementation"),
@@ -202,6 +217,46 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "gpu": _no("a CPU reference implementation (its extra devices are simulated)"),
     },
 }
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """A layer an adapter's ``layer_io`` recognises: what users write, its rule, the leaves it owns."""
+
+    layer: str
+    kind: str  # "dense", "embedding" or "scale_shift" (fisherlib/core/layers.py)
+    leaves: str
+    note: str = ""
+
+
+LAYERS: dict[str, tuple[LayerRule, ...]] = {
+    "torch": (
+        LayerRule("`nn.Linear`", "dense", "weight, bias",
+                  "any leading axes: positions (a sequence) share the weight"),
+        LayerRule("`nn.Conv1d`, `nn.Conv2d`, `nn.Conv3d`", "dense", "weight, bias",
+                  "over unfolded patches; stride, padding (numbers, 'same', 'valid', every padding "
+                  "mode), dilation, groups"),
+        LayerRule("`nn.Embedding`", "embedding", "weight",
+                  "padding_idx rows get nothing; not with sparse=True or scale_grad_by_freq"),
+        LayerRule("`nn.LayerNorm`, `nn.RMSNorm`", "scale_shift", "weight, bias",
+                  "the normalised input x̂ from the framework's own function"),
+        LayerRule("`nn.GroupNorm`", "scale_shift", "weight, bias", "per channel, shared over positions"),
+        LayerRule("`nn.BatchNorm1d/2d/3d`", "scale_shift", "weight, bias",
+                  "eval mode only (running statistics); training mode is refused by per-example methods"),
+    ),
+}
+"""Per adapter, the layers whose leaves the layer-I/O rules cover; every other leaf takes the
+generic per-example VJP (``docs/per-example.md``)."""
+
+
+def render_layers() -> str:
+    """The supported-layers table as Markdown, one section per adapter."""
+    lines = [f"<!-- generated from fisherlib/_capabilities.py; regenerate with `{REGENERATE}` -->", ""]
+    for backend, rules in LAYERS.items():
+        lines += [f"**`{backend}`**", "", "| layer | rule | leaves | notes |", "|---|---|---|---|"]
+        lines += [f"| {r.layer} | {r.kind} | {r.leaves} | {r.note} |" for r in rules]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _check_table() -> None:
@@ -290,15 +345,41 @@ def docs_table(text: str) -> str:
     return m.group(1)
 
 
+LAYERS_START = "<!-- layers:start -->"
+LAYERS_END = "<!-- layers:end -->"
+LAYERS_PAGE = "docs/per-example.md"
+_LAYERS_BLOCK = re.compile(re.escape(LAYERS_START) + r"\n(.*?)" + re.escape(LAYERS_END), re.S)
+
+
+def layers_table(text: str) -> str:
+    """The text between the supported-layers markers of a page (ValueError without them)."""
+    m = _LAYERS_BLOCK.search(text)
+    if m is None:
+        raise ValueError(f"text: no {LAYERS_START} ... {LAYERS_END} block")
+    return m.group(1)
+
+
 def update_docs(path: str | Path = "docs/backends.md") -> bool:
-    """Write the rendered table between the markers of ``path``; True when the file changed."""
+    """Write the rendered table between the markers of ``path``; True when the file changed.
+
+    Also rewrites the supported-layers table of ``docs/per-example.md`` beside it.
+    """
     path = Path(path)
+    layers = path.parent / Path(LAYERS_PAGE).name
+    changed = False
+    if layers.exists():
+        text = layers.read_text(encoding="utf-8")
+        layers_table(text)
+        new = _LAYERS_BLOCK.sub(lambda _: f"{LAYERS_START}\n{render_layers()}{LAYERS_END}", text, count=1)
+        if new != text:
+            layers.write_text(new, encoding="utf-8")
+            changed = True
     text = path.read_text(encoding="utf-8")
     docs_table(text)  # the markers must be there
     new = _BLOCK.sub(lambda _: f"{START}\n{render_markdown()}{END}", text, count=1)
     if new != text:
         path.write_text(new, encoding="utf-8")
-    return new != text
+    return changed or new != text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,3 +163,19 @@ def test_jax_float64_depends_on_x64():
         assert jnp.asarray(np.zeros(1)).dtype == jnp.float32
     with jax.enable_x64(True):
         assert jnp.asarray(np.zeros(1)).dtype == jnp.float64
+
+
+def test_supported_layers_table_is_generated_from_the_record():
+    page = PAGE.parent / "per-example.md"
+    assert caps.layers_table(page.read_text(encoding="utf-8")) == caps.render_layers(), (
+        f"docs/per-example.md's supported-layers table differs from fisherlib/_capabilities.py; "
+        f"run `{caps.REGENERATE}`")
+
+
+def test_every_recognised_torch_module_is_documented():
+    torch_layers = pytest.importorskip("fisherlib.backends.torch_layers")
+    text = caps.render_layers()
+    for cls in torch_layers.RECOGNISED:
+        name = cls.__name__
+        short = "BatchNorm1d/2d/3d" if "BatchNorm" in name else name  # one row for the three
+        assert f"nn.{short}" in text or f"nn.{name}" in text, name
