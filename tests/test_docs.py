@@ -24,7 +24,8 @@ DOCS = ROOT / "docs"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 PAGES = sorted(
     str(p.relative_to(DOCS))
-    for pattern in ("quickstart/*.md", "estimators/*.md", "theory.md", "index.md", "per-example.md")
+    for pattern in ("quickstart/*.md", "estimators/*.md", "theory.md", "index.md", "per-example.md",
+                    "huggingface-and-sequences.md")
     for p in DOCS.glob(pattern)
 )
 
