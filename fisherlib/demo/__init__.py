@@ -76,6 +76,9 @@ def run(backend: str | None = None, out: str | Path = "fisherlib-report", *, pro
     from . import uses_panel  # "what the Fisher is for" (fisherlib.uses): pruning curves
 
     uses_panel.add(net, split.x_test, split.y_test, result, paths, echo=echo)
+    from . import spectrum_panel  # the parameter-space spectrum (fisherlib.spectral): λ_max, m₁, m₂
+
+    spectrum_panel.add(net, split.x_test, result, paths, quick=quick, seed=seed, progress=progress, echo=echo)
     echo(f"\nreport: {paths['report']} ({len(report.FIGURES)} figures beside it)")
     return json_summary(paths["json"])
 

@@ -107,6 +107,12 @@ def test_report_files(reports, backend):
     for name in s["figures"].values():
         assert f"]({name})" in md
     assert "| Hutchinson, 1 VJP per batch |" in md
+    # The parameter-space spectrum panel (fisherlib.spectral): brackets hold, m1 matches the exact
+    # trace within its error bars, the density figure is there (tests/spectral test the numbers).
+    sp = s["spectrum"]
+    assert sp["lambda_max_lower"] <= sp["lambda_max"] * (1 + 1e-3) <= sp["lambda_max_upper"] * (1 + 2e-3)
+    assert abs(sp["m1"] - sp["m1_exact"]) < 4 * sp["m1_stderr"] and sp["lr_max"] > 0
+    assert (out / sp["figure"]).read_bytes()[:8] == PNG_MAGIC and f"]({sp['figure']})" in md
 
 
 @pytest.mark.slow
