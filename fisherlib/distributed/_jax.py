@@ -185,7 +185,7 @@ def _sharded(model, params, groups, devices, be, seed, kwargs) -> FisherEstimate
                                      check_vma=False))
 
     params = jax.device_put(params, whole)
-    acc, n_inputs, run = None, 0, {}
+    acc, n_inputs, n_outputs, run = None, 0, 0, {}
     for xs, ys, idx in groups:
         seeds = np.asarray([_batch_seed(seed, b) for b in idx], dtype=np.uint32)
         key = ys is not None
@@ -196,6 +196,9 @@ def _sharded(model, params, groups, devices, be, seed, kwargs) -> FisherEstimate
         out = run[key](params, *args)  # (D, L), row d on device d: no communication
         acc = out if acc is None else acc + out
         n_inputs += skeleton[0].n_inputs * xs.shape[0]
+        per_batch = skeleton[0].n_outputs  # a count from masks would be traced: unknown then
+        n_outputs = n_outputs + per_batch * xs.shape[0] if isinstance(n_outputs, int) and isinstance(
+            per_batch, int) else None
     total = _sum_rows(mesh)(acc)  # the one cross-device reduction, replicated
     total = next(t.data for t in total.addressable_shards if t.device == devices[0])
     est = skeleton[0]
@@ -206,7 +209,7 @@ def _sharded(model, params, groups, devices, be, seed, kwargs) -> FisherEstimate
         at += size
     draws = _record([i for _, _, idx in groups for i in idx], est.seed)
     tree = (lambda arrays: be.unflatten(params, arrays)) if est.structure == "diag" else None
-    return replace(est, parts=parts, n_inputs=n_inputs, draws=draws, _tree=tree)
+    return replace(est, parts=parts, n_inputs=n_inputs, n_outputs=n_outputs, draws=draws, _tree=tree)
 
 
 def _sum_rows(mesh):

@@ -119,11 +119,14 @@ def fisher(model: Any, params: Any, batches: Iterable[Any], *, group: Any = None
         if dist.get_rank() != dst:
             return None
     n_inputs = sum(m["n_inputs"] for m in metas)
+    outs = [m["est"]["n_outputs"] for m in metas if m["n_inputs"]]
+    n_outputs = None if None in outs else sum(outs)
     if local is None:  # this rank had no batch: an estimate from another rank's description
         local = FisherEstimate(names=ref["est"]["names"], parts=[np.zeros(s, ref["dtype"]) for s in ref["shapes"]],
                                **{k: ref["est"][k] for k in _META if k != "names"},
                                block_shapes=ref["block_shapes"])
-    return replace(local, parts=_unflatten(buf, local.parts), n_inputs=n_inputs, draws=draws)
+    return replace(local, parts=_unflatten(buf, local.parts), n_inputs=n_inputs, n_outputs=n_outputs,
+                   draws=draws)
 
 
 # --------------------------------------------------------------------------- helpers

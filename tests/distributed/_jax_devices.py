@@ -42,6 +42,7 @@ def main():
     one = fisherlib.fisher(model, params, batches + batches[:1], **kw)
     many = fd.jax_fisher(model, params, batches + batches[:1], **kw)
     out["list"] = [gap(one, many), many.n_inputs, many.draws]
+    out["n_outputs"] = [one.n_outputs, many.n_outputs]
     # Stacked (B, N, D) inputs sharded over a mesh: each device scans its 2 batches.
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     shard = NamedSharding(mesh, PartitionSpec("batch"))

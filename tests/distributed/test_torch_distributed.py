@@ -48,7 +48,7 @@ def test_union_equals_single_process(world, single, tmp_path):
         ests = [FisherEstimate.load(tmp_path / f"{name}-{world}-{r}.npz") for r in range(world)]
         ref = single[name]
         for est in ests:  # every rank holds the union
-            assert est.n_inputs == W.N_BATCHES * W.B
+            assert est.n_inputs == est.n_outputs == W.N_BATCHES * W.B
             assert est.draws == ref.draws
             np.testing.assert_allclose(flat(est), flat(ref), rtol=1e-12, atol=1e-15, err_msg=name)
     dst = FisherEstimate.load(tmp_path / f"dst-{world}.npz")
