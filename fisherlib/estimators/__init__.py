@@ -2,6 +2,7 @@
 
 from ._estimate import FisherEstimate
 from ._fisher import fisher
+from ._running import Layout, RunningFisher
 from ._sketch import Sketch
 
-__all__ = ["FisherEstimate", "Sketch", "fisher"]
+__all__ = ["FisherEstimate", "Layout", "RunningFisher", "Sketch", "fisher"]

@@ -322,13 +322,7 @@ class RunningFisher:
             logits, vjp = be.linearize(model, params, inputs)
             z = _flat(logits)
             y = _labels(targets, z)
-            xp = array_namespace(z)
-            res = cotangents.label_residual(z, y)  # e_y - p
-            N = z.shape[0]
-            ct_loss = -res / N
-            lp = log_softmax(z, xp=xp)
-            onehot = res + xp.exp(lp)
-            value = -xp.sum(onehot * lp) / N
+            value, ct_loss = self._fn(be, "ce", _cross_entropy)(z, y)
         else:
             lin = getattr(be, "loss_linearize", None)
             if lin is None:
@@ -339,24 +333,33 @@ class RunningFisher:
             ct_loss = _flat(ct_loss)
         xp = array_namespace(z)
         if not update:
-            g = vjp(xp.reshape(ct_loss, tuple(logits.shape)))
-            return value, g
+            return value, vjp(xp.reshape(ct_loss, tuple(logits.shape)))
         N, C = z.shape
-        t = 0 if self.state is None else int(self.state["t"])
-        xi = be.probes(_step_seed(self.seed, t), (self.probes, N, C), self.dist, like=z)
-        cts = xp.concat([ct_loss[None, ...], cotangents.hutchinson(z, xi)], axis=0)
+        xi = be.probes(_step_seed(self.seed, self.steps), (self.probes, N, C), self.dist, like=z)
+        cts = self._fn(be, "stack", _stack)(z, ct_loss, xi)
         pulled = vjp(xp.reshape(cts, (self.probes + 1, *logits.shape)))
         named = be.leaves(pulled)
         grads = be.unflatten(pulled, [g[0, ...] for _, g in named])
-        self.update([g[1:, ...] for _, g in named], [n for n, _ in named], N)
+        self.update([g[1:, ...] for _, g in named], [n for n, _ in named], N, backend=be)
         return value, grads
 
-    def update(self, probe_grads: Sequence[Array], names: Sequence[str], n: int) -> None:
+    def _fn(self, be, key, fn):
+        """``fn``, compiled once by the adapter when it offers ``compile`` (JAX: ``jax.jit``)."""
+        cache = self.__dict__.setdefault("_compiled", {})
+        if key not in cache:
+            comp = getattr(be, "compile", None)
+            cache[key] = comp(fn) if comp is not None else fn
+        return cache[key]
+
+    def update(self, probe_grads: Sequence[Array], names: Sequence[str], n: int, *, backend: Any = None) -> None:
         """Fold one step's probe gradients (K, *leaf) over ``n`` inputs into the estimate."""
         if self.layout is None:
             self.layout = layout(names, [tuple(g.shape[1:]) for g in probe_grads], self.structure)
             self.state = init_state(self.layout, probe_grads[0])
-        self.state = update_state(self.layout, self.state, probe_grads, n, self.decay)
+        lay, decay = self.layout, self.decay
+        fn = update_state if backend is None else self._fn(
+            backend, ("update", n), lambda st, gs: update_state(lay, st, gs, n, decay))
+        self.state = fn(self.state, list(probe_grads)) if backend is not None else fn(lay, self.state, probe_grads, n, decay)
 
     def _backend(self, params):
         if self.backend is None or isinstance(self.backend, str):
@@ -400,6 +403,21 @@ class RunningFisher:
         a = sd["arrays"]
         self.state = {"m": {k: a[f"m/{k}"] for k in self.layout.keys}, "s": {k: a[f"s/{k}"] for k in self.layout.keys},
                       "w": a["w"], "w2": a["w2"], "t": a["t"]}
+
+
+def _cross_entropy(z, y):
+    """(mean cross-entropy, its logit cotangent (p − e_y)/N) from logits z (N, C) and classes y."""
+    xp = array_namespace(z)
+    N = z.shape[0]
+    res = cotangents.label_residual(z, y)  # e_y - p
+    lp = log_softmax(z, xp=xp)
+    return -xp.sum((res + xp.exp(lp)) * lp) / N, -res / N
+
+
+def _stack(z, ct_loss, xi):
+    """[loss cotangent; K Hutchinson cotangents B(p̃)ξ_k]: (1 + K, N, C)."""
+    xp = array_namespace(z)
+    return xp.concat([ct_loss[None, ...], cotangents.hutchinson(z, xi)], axis=0)
 
 
 def _step_seed(seed: int, t: int) -> int:

@@ -18,7 +18,7 @@ from . import _solve
 Array = Any
 Tree = Any
 
-__all__ = ["KINDS", "Curvature", "precondition"]
+__all__ = ["KINDS", "Curvature", "precondition", "structure_for"]
 
 KINDS = ("diag", "quasidiag", "ollivier", "unitwise", "blocks")
 UNIT_SOLVES = ("auto", "dense", "woodbury")
@@ -129,7 +129,8 @@ def precondition(grads: Tree, curvature: Curvature, kind: str = "diag", damping:
         Fisher terms (:meth:`Curvature.from_running`, :meth:`Curvature.from_estimate`).
     kind : {"diag", "quasidiag", "ollivier", "unitwise", "blocks"}
         F̃: the diagonal; per unit the diagonal plus the bias row (exact arrowhead solve,
-        :func:`~fisherlib.natural.arrowhead`); Ollivier's quasi-diagonal step
+        :func:`~fisherlib.natural.arrowhead`, where that matrix is positive definite; units
+        where it is not get Ollivier's step); Ollivier's quasi-diagonal step
         (:func:`~fisherlib.natural.ollivier`); the unit-wise blocks (see ``unit_solve``); a
         dense block per leaf. Leaves outside any unit use the diagonal.
     unit_solve : {"auto", "dense", "woodbury"}
@@ -194,10 +195,25 @@ def precondition(grads: Tree, curvature: Curvature, kind: str = "diag", damping:
             dw = to_units(u, curvature.diag(u.weight), None)
             gw = to_units(u, g[u.weight], None)
             solve = {"quasidiag": _solve.arrowhead, "ollivier": _solve.ollivier, "unitwise": _solve.woodbury}[kind]
-            dW, dB = solve(gw, g[u.bias], dw, curvature.diag(u.bias), c, damping)
+            db = curvature.diag(u.bias)
+            dW, dB = solve(gw, g[u.bias], dw, db, c, damping)
+            if kind == "quasidiag":  # an indefinite arrowhead matrix: Ollivier's (psd) step instead
+                xp = array_namespace(dW)
+                ok = _solve.arrowhead_definite(dw, db, c, damping)
+                oW, oB = _solve.ollivier(gw, g[u.bias], dw, db, c, damping)
+                dW, dB = xp.where(ok[..., None], dW, oW), xp.where(ok, dB, oB)
             out[u.weight], _ = from_units(u, dW, lay.shapes[u.weight], bias=False)
             out[u.bias] = dB
     for i in range(len(g)):
         if out[i] is None:
             out[i] = _solve.diagonal(g[i], curvature.diag(i), damping)
     return be.unflatten(grads, out)
+
+
+def structure_for(preconditioner: str, unit_solve: str = "auto") -> str:
+    """The :class:`RunningFisher` structure that holds the terms a preconditioner needs."""
+    if preconditioner == "diag":
+        return "diag"
+    if preconditioner in ("quasidiag", "ollivier") or (preconditioner == "unitwise" and unit_solve == "woodbury"):
+        return "quasidiag"
+    return preconditioner  # "unitwise", "blocks"

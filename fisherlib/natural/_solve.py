@@ -24,7 +24,7 @@ from ..core._compat import array_namespace, device
 
 Array = Any
 
-__all__ = ["arrowhead", "dense", "diagonal", "ollivier", "unit_blocks", "woodbury"]
+__all__ = ["arrowhead", "arrowhead_definite", "dense", "diagonal", "ollivier", "unit_blocks", "woodbury"]
 
 
 def _check_damping(damping: float) -> float:
@@ -82,6 +82,17 @@ def arrowhead(gw: Array, gb: Array, dw: Array, db: Array, cross: Array, damping:
     schur = Db - xp.sum(cross * cross / Dw, axis=-1)
     delta_b = (gb - xp.sum(cross * gw / Dw, axis=-1)) / schur
     return (gw - cross * delta_b[..., None]) / Dw, delta_b
+
+
+def arrowhead_definite(dw: Array, db: Array, cross: Array, damping: float) -> Array:
+    """Per unit, whether the damped arrowhead matrix of :func:`arrowhead` is positive definite.
+
+    With D_w > 0 it is exactly when the Schur complement D_b − Σ_j c_j² / D_j is > 0.
+    """
+    lam = _check_damping(damping)
+    xp = array_namespace(dw, db, cross)
+    Dw = dw + lam
+    return (db + lam - xp.sum(cross * cross / Dw, axis=-1) > 0) & xp.all(Dw > 0, axis=-1)
 
 
 def ollivier(gw: Array, gb: Array, dw: Array, db: Array, cross: Array, damping: float) -> Array:

@@ -166,3 +166,17 @@ def test_bad_damping_is_named():
         natural.diagonal(np.ones(2), np.ones(2), -1.0)
     with pytest.raises(ValueError, match="g: expected a trailing axis"):
         natural.dense(np.ones(3), np.eye(2), 0.1)
+
+
+def test_arrowhead_definite_flags_an_indefinite_quasi_diagonal_matrix():
+    """Inputs that are nearly constant make the bias row dominate: the arrowhead part of a psd
+    block is then indefinite, which arrowhead_definite reports (checked with eigvalsh)."""
+    rng = np.random.default_rng(6)
+    x = np.c_[1 + 0.01 * rng.normal(size=(50, N)), np.ones(50)]  # x̃ = (x, 1)
+    F = (x.T @ x / 50)[None]
+    for lam, F_ in ((1e-3, F), (1e-3, _psd_blocks(rng, units=1) * np.r_[np.ones(N) * 3, 0.1][None, :, None])):
+        dw, db, c = _parts(F_)
+        ok = natural._solve.arrowhead_definite(dw, db, c, lam)
+        assert bool(ok[0]) == bool(np.all(np.linalg.eigvalsh(_arrowhead_dense(F_, lam)) > 0))
+    dw, db, c = _parts(F)
+    assert not natural._solve.arrowhead_definite(dw, db, c, 1e-3)[0]

@@ -1,0 +1,122 @@
+"""``optax.GradientTransformation`` taking natural-gradient steps from a running Fisher estimate.
+
+The Fisher terms come from :func:`value_grad_and_probes` (one forward, one ``vmap`` of the
+pullback over [loss cotangent; K probe cotangents]); the transformation keeps their EMA in its
+state, a pytree, and preconditions the gradient. Everything traces under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .. import backends as _backends
+from ..estimators._running import _cross_entropy, _stack, init_state, layout, state_value, update_state
+from ._precondition import KINDS, UNIT_SOLVES, Curvature, precondition, structure_for
+
+__all__ = ["NaturalGradientState", "natural_gradient", "value_grad_and_probes"]
+
+
+class NaturalGradientState(NamedTuple):
+    count: jax.Array
+    fisher: dict  # the running estimate: "m", "s" (terms), "w", "w2", "t"
+    momentum: Any
+
+
+def value_grad_and_probes(model: Callable, params: Any, inputs: Any, targets: Any, seed: Any, *,
+                          probes: int = 1, loss: Callable | None = None):
+    """(loss, gradient, probe gradients) from one forward and one batched pullback.
+
+    ``loss=None``: mean cross-entropy against class indices ``targets``; else
+    ``loss(logits, targets)`` (a scalar). ``probe_grads`` has a leading K on every leaf (None for
+    ``probes=0``, a plain training step). ``seed`` may be a traced integer or a PRNG key.
+    Pass ``probe_grads`` and the batch size to the transformation's ``update``.
+    """
+    be = _backends.get("jax")
+    logits, vjp = be.linearize(model, params, inputs)
+    z = logits.reshape(-1, logits.shape[-1])
+    if loss is None:
+        value, ct = _cross_entropy(z, jnp.asarray(targets).reshape(-1))
+    else:
+        value, ct = jax.value_and_grad(loss)(logits, targets)
+        ct = ct.reshape(z.shape)
+    if probes == 0:
+        return value, vjp(ct.reshape(logits.shape)), None
+    xi = be.probes(seed, (probes, *z.shape), "rademacher", like=z)
+    pulled = vjp(_stack(z, ct, xi).reshape(probes + 1, *logits.shape))
+    return value, jax.tree_util.tree_map(lambda g: g[0], pulled), jax.tree_util.tree_map(lambda g: g[1:], pulled)
+
+
+def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "diag", damping: float = 1e-3,
+                     decay: float | None = 0.95, momentum: float = 0.0, kl_clip: float | None = 1e-2,
+                     unit_solve: str = "auto", pinv: bool = False) -> optax.GradientTransformationExtraArgs:
+    r"""Natural-gradient steps −η·(F̃ + λI)⁻¹ g as an optax transformation.
+
+    ``update(grads, state, params=None, *, probe_grads=None, n=None)``: with ``probe_grads``
+    (from :func:`value_grad_and_probes`, over ``n`` inputs) the Fisher's EMA is updated first;
+    without them (steps between refreshes) the last estimate is used.
+
+    Parameters
+    ----------
+    learning_rate : float or schedule
+        η, or an optax schedule of the step count (e.g. set from λ_max with
+        :func:`~fisherlib.natural.lr_from_lambda_max`).
+    preconditioner, damping, unit_solve, pinv
+        See :func:`~fisherlib.natural.precondition`.
+    decay : float or None
+        EMA decay of the Fisher terms (None: running mean).
+    momentum : float
+        Heavy-ball momentum on the preconditioned direction.
+    kl_clip : float or None
+        Scales the step by min(1, √(κ / (η² gᵀd))) (K-FAC's trust region).
+
+    Notes
+    -----
+    The state is a pytree (``NaturalGradientState``): checkpoint it as any optax state. The
+    probes' refresh interval is the caller's: call :func:`value_grad_and_probes` with
+    ``probes=K`` every few steps and ``probes=0`` in between.
+    """
+    if preconditioner not in KINDS:
+        raise ValueError(f"preconditioner: expected one of {KINDS}, got {preconditioner!r}")
+    if unit_solve not in UNIT_SOLVES:
+        raise ValueError(f"unit_solve: expected one of {UNIT_SOLVES}, got {unit_solve!r}")
+    if kl_clip is not None and not kl_clip > 0:
+        raise ValueError(f"kl_clip: expected a positive number or None, got {kl_clip!r}")
+    be = _backends.get("jax")
+    structure = structure_for(preconditioner, unit_solve)
+    lr_fn = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
+
+    def _layout(params):
+        named = be.leaves(params)
+        return layout([n for n, _ in named], [tuple(x.shape) for _, x in named], structure)
+
+    def init(params):
+        leaves = jax.tree_util.tree_leaves(params)
+        mom = jax.tree_util.tree_map(jnp.zeros_like, params) if momentum else optax.EmptyState()
+        return NaturalGradientState(jnp.zeros((), jnp.int32), init_state(_layout(params), leaves[0]), mom)
+
+    def update(updates, state, params=None, *, probe_grads=None, n=None, **extra):
+        lay = _layout(updates)
+        fisher = state.fisher
+        if probe_grads is not None:
+            if n is None:
+                raise ValueError("n: the batch size is needed with probe_grads")
+            fisher = update_state(lay, fisher, [x for _, x in be.leaves(probe_grads)], n, decay)
+        curv = Curvature(lay, state_value(fisher))
+        d = precondition(updates, curv, preconditioner, damping, unit_solve=unit_solve, pinv=pinv, backend=be)
+        lr = lr_fn(state.count)
+        if kl_clip is not None:
+            gd = sum(jnp.vdot(g, x) for g, x in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(d)))
+            lr = lr * jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.maximum(lr * lr * gd, 1e-30)))
+        mom = state.momentum
+        if momentum:
+            mom = jax.tree_util.tree_map(lambda m, x: momentum * m + x, mom, d)
+            d = mom
+        out = jax.tree_util.tree_map(lambda x: -lr * x, d)
+        return out, NaturalGradientState(state.count + 1, fisher, mom)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+

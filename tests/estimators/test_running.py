@@ -1,0 +1,190 @@
+"""RunningFisher: one batched backward per step, unbiased terms with honest error bars, EMA, state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fisherlib
+from fisherlib import backends
+from fisherlib.estimators import RunningFisher
+from fisherlib.estimators._running import to_units
+from fisherlib.models import MLP
+
+N = 12
+
+
+def _setup():
+    model = MLP([4, 5, 3])
+    params = model.init(seed=0, like=np.zeros(1))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, 4))
+    y = rng.integers(0, 3, size=N)
+    return model, params, x, y
+
+
+class _Counting:
+    """A numpy backend that counts forward passes and VJP calls (and the cotangents' shapes)."""
+
+    def __init__(self):
+        self.be = backends.get("numpy")
+        self.forwards, self.vjps = 0, []
+
+    def __getattr__(self, name):
+        return getattr(self.be, name)
+
+    def linearize(self, model, params, inputs):
+        self.forwards += 1
+        z, vjp = self.be.linearize(model, params, inputs)
+
+        def counted(ct):
+            self.vjps.append(tuple(ct.shape))
+            return vjp(ct)
+
+        return z, counted
+
+
+def test_step_is_one_forward_and_one_batched_backward_with_the_loss_gradient():
+    model, params, x, y = _setup()
+    be = _Counting()
+    rf = RunningFisher("quasidiag", probes=3, backend=be)
+    loss, grads = rf.step(model, params, x, y)
+    assert be.forwards == 1 and be.vjps == [(4, N, 3)]  # [loss; 3 probes] in one call
+    # The loss gradient: the empirical residual's pull-back, -Σ Jᵀ(e_y - p)/N.
+    z, vjp = backends.get("numpy").linearize(model, params, x)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    ref = vjp((p - np.eye(3)[y]) / N)
+    for k in params:
+        np.testing.assert_allclose(grads[k], ref[k], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(loss, -np.mean(np.log(p[np.arange(N), y])), rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_terms_are_unbiased_for_the_mean_fisher_and_error_bars_are_honest():
+    """Running mean over many steps at fixed θ against the exact unit-wise blocks / N; every
+    term within 5 standard errors, most within 2; the upper bound F_UB (a deliberately wrong
+    target) is rejected by the same test."""
+    model, params, x, y = _setup()
+    exact = fisherlib.fisher(model, params, x, method="exact", structure="blocks", blocks="unitwise")
+    upper = fisherlib.fisher(model, params, x, method="exact", bound="upper", structure="blocks",
+                             blocks="unitwise")
+    rf = RunningFisher("unitwise", probes=8, decay=None, seed=3)
+    for _ in range(150):
+        rf.step(model, params, x, y)
+    assert rf.steps == 150
+    value, se = rf.value, rf.stderr
+    z_all, z_up = [], []
+    for name in exact.value:
+        ref, ub = exact.value[name] / N, upper.value[name] / N
+        v, s = value[f"unit:{name}"], se[f"unit:{name}"]
+        assert np.all(s > 0)
+        z_all.append(np.abs(v - ref) / s)
+        z_up.append(np.abs(v - ub) / s)
+    z_all, z_up = np.concatenate([z.ravel() for z in z_all]), np.concatenate([z.ravel() for z in z_up])
+    assert z_all.max() < 5 and np.mean(z_all < 2) > 0.85
+    assert np.mean(z_up > 5) > 0.3
+
+
+def test_quasidiag_terms_match_the_unit_blocks_probe_by_probe():
+    model, params, x, y = _setup()
+    a, b = RunningFisher("quasidiag", probes=2, seed=1), RunningFisher("unitwise", probes=2, seed=1)
+    a.step(model, params, x, y)
+    b.step(model, params, x, y)
+    u = b.layout.units[0]
+    blk = b.value["unit:0.weight"]
+    np.testing.assert_allclose(a.value["cross:0.weight"], blk[:, :-1, -1], rtol=1e-12)
+    np.testing.assert_allclose(to_units(u, a.value["diag:0.weight"], a.value["diag:0.bias"]),
+                               np.diagonal(blk, axis1=1, axis2=2), rtol=1e-12)
+
+
+def test_ema_weights_and_stderr_formula():
+    """update() with known probe gradients: EMA value m/W with bias correction, se from W₂."""
+    rf = RunningFisher("diag", probes=2, decay=0.5)
+    qs = []
+    for t in range(3):
+        g = np.array([[1.0 + t], [2.0 - t]])  # K = 2 probes, one scalar leaf
+        rf.update([g], ["w"], n=1)
+        qs.append(g[:, 0] ** 2)
+    w = np.array([0.25, 0.5, 1.0]) * 0.5  # α β^(T-1-t)
+    mean = np.sum(w * np.array([q.mean() for q in qs])) / w.sum()
+    np.testing.assert_allclose(rf.value["diag:w"], [mean])
+    second = np.sum(w * np.array([(q ** 2).mean() for q in qs])) / w.sum()
+    se = np.sqrt((second - mean ** 2) * np.sum(w ** 2) / w.sum() ** 2 / 2)
+    np.testing.assert_allclose(rf.stderr["diag:w"], [se])
+
+
+def test_state_dict_round_trip_continues_identically():
+    model, params, x, y = _setup()
+    a = RunningFisher("unitwise", probes=2, decay=0.9, seed=5)
+    a.step(model, params, x, y)
+    b = RunningFisher("unitwise", probes=2, decay=0.9, seed=5)
+    b.load_state_dict(a.state_dict())
+    a.step(model, params, x, y)
+    b.step(model, params, x, y)
+    for k in a.value:
+        np.testing.assert_array_equal(a.value[k], b.value[k])
+    with pytest.raises(ValueError, match="structure"):
+        RunningFisher("diag").load_state_dict(a.state_dict())
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="structure"):
+        RunningFisher("full")
+    with pytest.raises(ValueError, match="probes"):
+        RunningFisher(probes=0)
+    with pytest.raises(ValueError, match="decay"):
+        RunningFisher(decay=1.0)
+    with pytest.raises(ValueError, match="no step yet"):
+        RunningFisher().value
+    model, params, x, y = _setup()
+    with pytest.raises(ValueError, match="targets"):
+        RunningFisher().step(model, params, x, y[:3])
+    with pytest.raises(TypeError, match="loss_linearize"):
+        RunningFisher().step(model, params, x, y, loss=lambda z, t: 0.0)
+
+
+def test_torch_framework_loss_and_core_loss_agree_with_a_training_step():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(N, 4, dtype=torch.float64), torch.randint(0, 3, (N,))
+    loss = torch.nn.functional.cross_entropy(m(x), y)
+    loss.backward()
+    for kw in ({}, {"loss": torch.nn.functional.cross_entropy}):
+        rf = RunningFisher("unitwise", probes=2, seed=2)
+        value, grads = rf.step(m, None, x, y, **kw)
+        assert abs(float(value) - loss.item()) < 1e-12
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=1e-14)
+        assert rf.value["unit:0.weight"].shape == (5, 5, 5)
+    # The same probes through either loss path: the same Fisher terms.
+    a, b = RunningFisher("diag", probes=2, seed=2), RunningFisher("diag", probes=2, seed=2)
+    a.step(m, None, x, y)
+    b.step(m, None, x, y, loss=torch.nn.functional.cross_entropy)
+    for k in a.value:
+        torch.testing.assert_close(a.value[k], b.value[k])
+
+
+def test_jax_flax_style_kernels_pair_with_their_bias():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    optax = pytest.importorskip("optax")
+
+    def f(p, x):
+        return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    rng = np.random.default_rng(0)
+    params = {"w1": jnp.asarray(rng.normal(size=(4, 5))), "b1": jnp.zeros(5),
+              "w2": jnp.asarray(rng.normal(size=(5, 3))), "b2": jnp.zeros(3)}
+    x, y = jnp.asarray(rng.normal(size=(N, 4))), jnp.asarray(rng.integers(0, 3, N))
+    rf = RunningFisher("quasidiag", probes=2)
+    value, grads = rf.step(f, params, x, y)
+    ref = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(f(p, x), y).mean())(params)
+    for k in params:
+        np.testing.assert_allclose(grads[k], ref[k], rtol=1e-10, atol=1e-12)
+    assert rf.value["cross:w1"].shape == (5, 4) and rf.value["cross:w2"].shape == (3, 5)
+    rf2 = RunningFisher("quasidiag", probes=2)
+    v2, g2 = rf2.step(f, params, x, y, loss=lambda z, t: optax.softmax_cross_entropy_with_integer_labels(z, t).mean())
+    np.testing.assert_allclose(float(v2), float(value), rtol=1e-12)
+    np.testing.assert_allclose(rf2.value["cross:w1"], rf.value["cross:w1"], rtol=1e-10)

@@ -1,0 +1,146 @@
+"""NaturalGradient (torch.optim): its step is precondition() of the running Fisher; it trains; it checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fisherlib.estimators import RunningFisher  # noqa: E402
+from fisherlib.natural import (  # noqa: E402
+    Curvature,
+    LevenbergMarquardt,
+    NaturalGradient,
+    lr_from_lambda_max,
+    precondition,
+)
+from fisherlib.natural._damping import predicted_change  # noqa: E402
+
+N = 32
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, 6, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return x, y
+
+
+@pytest.mark.parametrize("kind", ["diag", "quasidiag", "ollivier", "unitwise", "blocks"])
+def test_step_is_the_preconditioned_gradient(kind):
+    m, (x, y) = _net(), _data()
+    ref = copy.deepcopy(m)
+    opt = NaturalGradient(m, lr=0.1, preconditioner=kind, damping=0.1, probes=2, seed=4, kl_clip=None)
+    opt.backward(x, y)
+    opt.step()
+    # By hand: the same probes through RunningFisher, then precondition().
+    rf = RunningFisher(opt.fisher.structure, probes=2, seed=4)
+    _, grads = rf.step(ref, None, x, y)
+    d = precondition(grads, Curvature.from_running(rf), kind, 0.1)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            torch.testing.assert_close(dict(m.named_parameters())[n], p - 0.1 * d[n], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["diag", "ollivier", "unitwise"])
+def test_trains(kind):
+    m, (x, y) = _net(), _data()
+    opt = NaturalGradient(m, lr=0.05, preconditioner=kind, damping=1e-2, probes=1)
+    first = float(opt.backward(x, y))
+    opt.step()
+    for _ in range(60):
+        loss = opt.backward(x, y)
+        opt.step()
+    assert float(loss) < 0.5 * first
+
+
+def test_state_dict_round_trip_continues_identically():
+    x, y = _data()
+
+    def make(m):
+        return NaturalGradient(m, lr=0.05, preconditioner="unitwise", damping=1e-2, momentum=0.5, refresh=2,
+                               adapt_damping=True, seed=1)
+
+    a = _net()
+    opt_a = make(a)
+    for _ in range(3):
+        opt_a.backward(x, y)
+        opt_a.step(lambda: torch.nn.functional.cross_entropy(a(x), y))
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    b = _net(seed=9)
+    b.load_state_dict(saved["model"])
+    opt_b = make(b)
+    opt_b.load_state_dict(saved["opt"])
+    assert opt_b.damping == opt_a.damping and opt_b.steps == 3
+    for _ in range(3):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.backward(x, y)
+            o.step(lambda m=m: torch.nn.functional.cross_entropy(m(x), y))
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+
+
+def test_refresh_interval_and_lr_callable():
+    m, (x, y) = _net(), _data()
+    calls = []
+    opt = NaturalGradient(m, lr=lambda: calls.append(1) or 0.01, refresh=3)
+    for _ in range(6):
+        opt.backward(x, y)
+        opt.step()
+    assert opt.fisher.steps == 2 and len(calls) == 2
+    assert opt.param_groups[0]["lr"] == 0.01
+
+
+def test_kl_clip_bounds_the_step():
+    m, (x, y) = _net(), _data()
+    before = [p.detach().clone() for p in m.parameters()]
+    opt = NaturalGradient(m, lr=10.0, damping=1e-4, kl_clip=1e-4)
+    opt.backward(x, y)
+    g = {n: p.grad.clone() for n, p in m.named_parameters()}
+    opt.step()
+    delta = {n: p.detach() - b for (n, p), b in zip(m.named_parameters(), before)}
+    # η'² gᵀd = κ with the clipped η': the step δ = −η' d has −gᵀδ = η' gᵀd = √(κ gᵀd).
+    d = precondition(g, opt.curvature, "diag", 1e-4)
+    gd = float(sum(torch.sum(g[n] * d[n]) for n in g))
+    assert math.isclose(float(-sum(torch.sum(g[n] * delta[n]) for n in g)), math.sqrt(1e-4 * gd), rel_tol=1e-9)
+
+
+def test_errors_are_named():
+    m = _net()
+    with pytest.raises(TypeError, match="model"):
+        NaturalGradient(list(m.parameters()))
+    with pytest.raises(ValueError, match="preconditioner"):
+        NaturalGradient(m, preconditioner="kfac")
+    with pytest.raises(ValueError, match="refresh"):
+        NaturalGradient(m, refresh=0)
+    with pytest.raises(RuntimeError, match="backward"):
+        NaturalGradient(m).step()
+
+
+def test_levenberg_marquardt_and_lr_from_lambda_max():
+    lm = LevenbergMarquardt(1.0, factor=2.0)
+    assert lm.update(actual=-0.9, predicted=-1.0) == 0.5  # ρ = 0.9: trust more
+    assert lm.update(actual=-0.5, predicted=-1.0) == 0.5  # ρ = 0.5: keep
+    assert lm.update(actual=+0.1, predicted=-1.0) == 1.0  # loss rose: damp more
+    assert lm.update(actual=float("nan"), predicted=-1.0) == 2.0
+    assert predicted_change(2.0, 1.0) == -1.0
+    assert lr_from_lambda_max(4.0, safety=1.0) == 0.5
+    assert lr_from_lambda_max(lambda: 4.0, damping=4.0, safety=0.5) == 2.0
+    with pytest.raises(ValueError, match="lambda_max"):
+        lr_from_lambda_max(0.0)
+    with pytest.raises(ValueError, match="factor"):
+        LevenbergMarquardt(factor=1.0)
+    np.testing.assert_equal(lm.state_dict()["damping"], 2.0)
