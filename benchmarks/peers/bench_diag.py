@@ -19,8 +19,11 @@ shared). Linear-head settings feed fixed random features (the body's output, com
 into a ``Linear(d, C)`` head: only the head's time is measured, and its exact diagonal comes in
 closed form, Σ_n p_nc(1 − p_nc) h_nj².
 
-    python benchmarks/peers/bench_diag.py            # the issue's settings
-    python benchmarks/peers/bench_diag.py --quick    # smaller batches and caps (a smoke run)
+    python benchmarks/peers/bench_diag.py                 # the issue's settings (about an hour)
+    python benchmarks/peers/bench_diag.py --settings 0 1  # the MLP and the CNN at C = 10 (the
+    python benchmarks/peers/bench_diag.py --settings 2 3  #   full run split into parts of about
+    python benchmarks/peers/bench_diag.py --settings 4 5  #   20-30 minutes each)
+    python benchmarks/peers/bench_diag.py --quick         # smaller batches and caps (a smoke run)
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ CAP = {"full": 60.0, "quick": 15.0}  # seconds of accumulation per random row
 REPEATS = {"full": 5, "quick": 3}
 
 ROWS = [
-    "fisherlib hutchinson", "fisherlib hutchinson per-example", "fisherlib exact", "fisherlib mc",
+    "training step (SGD)", "fisherlib hutchinson", "fisherlib hutchinson per-example", "fisherlib exact",
+    "fisherlib mc", "fisherlib mc per-example",
     "BackPACK DiagGGNExact", "BackPACK DiagGGNMC", "nngeometry FIM (exact)", "nngeometry FIM_MonteCarlo",
     "curvlinops exact (G @ I)", "curvlinops hutchinson_diag",
 ]
@@ -116,7 +120,9 @@ def infeasible(row, kind, C, n, P):
     """Why a row is not run at this size (None: run it)."""
     if row == "curvlinops exact (G @ I)" and P > 4096:
         return f"P = {P:,} matvecs per batch (timed on min(256, 2^24/P) columns, extrapolated)"
-    if row in EXACT_ROWS and kind == "head" and C >= 10000:
+    if row == "fisherlib exact" and kind == "head" and C > 10000:
+        return f"N·C² = {n * C * C:,} exact cotangent entries (bounded memory, but hours on one core)"
+    if row in EXACT_ROWS - {"fisherlib exact"} and kind == "head" and C >= 10000:
         return f"N·C = {n * C:,} per-example gradient rows of {P:,} entries (or a C×C = {C}² factor per input)"
     if row == "BackPACK DiagGGNExact" and n * C * C * 4 > 8e9:
         return f"its N×C×C square-root factor needs {n * C * C * 4 / 1e9:.0f} GB"
@@ -140,6 +146,14 @@ def make_call(row, model, x, y):
         return (lambda s, k: M.flat(fisherlib.fisher(model, None, x, probes=k, seed=s, per_example=True).value)), True
     if row == "fisherlib mc":
         return (lambda s, k: M.flat(fisherlib.fisher(model, None, x, method="mc", probes=k, seed=s).value)), True
+    if row == "fisherlib mc per-example":
+        return (lambda s, k: M.flat(fisherlib.fisher(model, None, x, method="mc", probes=k, seed=s,
+                                                     per_example=True).value)), True
+    if row == "training step (SGD)":
+        def step(s, k):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        return step, None
     if row == "fisherlib exact":
         return fl(method="exact"), False
     if row == "BackPACK DiagGGNExact":
@@ -214,13 +228,18 @@ def child(setting, row, mode, ref_path):
         mem = mem_peak_mb(base)
         return {**out, "time": t, "mem": mem, "t10": t, "note": why, "extrapolated": True}
     base = mem_baseline()
-    call(10_000, 1)  # warm-up
-    times = []
-    for r in range(REPEATS[mode] if random else max(1, REPEATS[mode] - 2)):
+    t0 = time.perf_counter()
+    est = call(10_000, 1)  # warm-up; a call of over 20 s is timed by it alone
+    times = [time.perf_counter() - t0]
+    repeats = 0 if times[0] > 20 else REPEATS[mode] if random else max(1, REPEATS[mode] - 2)
+    times = times if repeats == 0 else []
+    for r in range(repeats):
         t0 = time.perf_counter()
         est = call(r, 1)
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
+    if random is None:  # the training step: a time to compare with, no estimate
+        return {**out, "time": t, "mem": mem_peak_mb(base), "t10": None, "note": "one SGD step (forward + backward)"}
     if not random:
         err = median_rel_error(est, ref, mask)
         mem = mem_peak_mb(base)
@@ -253,20 +272,23 @@ def render(setting, results):
     """Print one setting's table (markdown) from the rows' results."""
     first = next(iter(r for r in results.values() if "P" in r), {})
     print(f"## {setting} (P = {first.get('P', 0):,}, N = {first.get('N')} per batch)\n")
-    print("| method | time/batch | peak MB | to 10 % | probes to 10 % | vs fisherlib hutchinson (to 10 %) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| method | time/batch | × training step | peak MB | to 10 % | probes to 10 % | vs fisherlib hutchinson (to 10 %) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     base = results.get("fisherlib hutchinson", {}).get("t10")
+    step = results.get("training step (SGD)", {}).get("time")
     notes = []
     for row, r in results.items():
         if "time" not in r:
-            print(f"| {row} | n/a | n/a | n/a | | |")
+            print(f"| {row} | n/a | | n/a | n/a | | |")
             notes.append(f"{row}: {r.get('note')}")
             continue
         extra = " (extrapolated)" if r.get("extrapolated") else ""
-        t10 = fmt_t(r["t10"]) if r.get("t10") is not None else f">{r.get('cap', 0):.0f} s (err {r.get('err', 0):.0%})"
+        t10 = fmt_t(r["t10"]) if r.get("t10") is not None else (
+            f">{r.get('cap', 0):.0f} s (err {r.get('err', 0):.0%})" if "err" in r else "–")
         ratio = f"{r['t10'] / base:.3g}×" if base and r.get("t10") else "–"
         probes = str(r.get("probes", "exact")) if r.get("t10") is not None or "probes" in r else ""
-        print(f"| {row} | {fmt_t(r['time'])}{extra} | {r['mem']:.0f} | {t10}{extra} | {probes} | {ratio} |")
+        steps = f"{r['time'] / step:.2f}" if step else "–"
+        print(f"| {row} | {fmt_t(r['time'])}{extra} | {steps} | {r['mem']:.0f} | {t10}{extra} | {probes} | {ratio} |")
         if r.get("note"):
             notes.append(f"{row}: {r['note']}")
     for nt in notes:

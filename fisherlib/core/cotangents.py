@@ -28,7 +28,7 @@ from ._lib import log_sigmoid, log_softmax, restore
 
 Array = Any
 
-__all__ = ["exact_columns", "hutchinson", "label_residual", "lower_bound", "sample_labels", "upper_bound"]
+__all__ = ["column_source", "exact_columns", "hutchinson", "label_residual", "lower_bound", "sample_labels", "upper_bound"]
 
 LIKELIHOODS = ("softmax", "sigmoid")
 
@@ -70,35 +70,49 @@ def exact_columns(z: Array, likelihood: str = "softmax", bound: str | None = Non
 
     softmax: the C columns of B (column k is √p_k (e_k − p)); ``bound="upper"``: those of
     diag(√p); ``bound="lower"``: the ``rank`` columns √λ_j v_j. sigmoid: the C columns of
-    diag(√σ'). ``columns=(start, stop)`` gives only columns start..stop-1, so that a caller can
-    go through the C columns in chunks without ever holding the dense (C, N, C) stack.
+    diag(√σ'). ``columns=(start, stop)`` gives only columns start..stop-1 (see
+    :func:`column_source` to go through them in chunks without recomputing p).
+    """
+    M, cols = column_source(z, likelihood, bound, rank)
+    start, stop = (0, M) if columns is None else columns
+    return cols(start, stop)
+
+
+def column_source(z: Array, likelihood: str = "softmax", bound: str | None = None, rank: int = 1):
+    """(M, cols): the number of factor columns and ``cols(start, stop)`` -> (stop - start, N, C).
+
+    p is computed once, so that a caller can go through the C columns in chunks without ever
+    holding the dense (C, N, C) stack.
     """
     xp, zw, dtype = check_logits(z, softmax=likelihood == "softmax")
     _likelihood(likelihood)
-    M = rank if (likelihood == "softmax" and bound == "lower") else zw.shape[-1]
-    if M == rank and bound == "lower" and not 1 <= rank <= zw.shape[-1]:  # else top_eigpair's "k:"
-        raise ValueError(f"rank: the lower envelope has at most C={zw.shape[-1]} eigenpairs (classes), "
-                         f"got rank={rank}")
-    start, stop = (0, M) if columns is None else columns
-    if not 0 <= start <= stop <= M:
-        raise ValueError(f"columns: expected 0 <= start <= stop <= {M}, got {columns}")
     if likelihood == "softmax" and bound == "lower":
         lam, vec = simplex.top_eigpair(z, k=rank)
         if rank == 1:
             lam, vec = lam[..., None], vec[..., None]
-        cols = xp.permute_dims(vec * xp.sqrt(xp.clip(lam, min=0.0))[..., None, :], (2, 0, 1))
-        return cols[start:stop, ...]
-    onehot = _onehot_rows(start, stop, zw.shape[-1], zw, xp=xp)  # (m, 1, C)
+        full = xp.permute_dims(vec * xp.sqrt(xp.clip(lam, min=0.0))[..., None, :], (2, 0, 1))
+        return rank, lambda a, b: full[_check_range(a, b, rank), ...]
+    C = zw.shape[-1]
     if likelihood == "sigmoid":
-        s = xp.sqrt(hypercube.fim(z))
+        s, p = xp.sqrt(hypercube.fim(zw)), None
     else:
         logp = log_softmax(zw, xp=xp)
-        s = xp.exp(0.5 * logp)
-    sk = xp.permute_dims(s[:, start:stop], (1, 0))[..., None]  # (m, N, 1)
-    if likelihood == "sigmoid" or bound == "upper":
-        return restore(onehot * sk, dtype, xp=xp)
-    p = xp.exp(logp)
-    return restore(onehot * sk - p[None, ...] * sk, dtype, xp=xp)  # √p_k (e_k − p), as factor() has it
+        s, p = xp.exp(0.5 * logp), (None if bound == "upper" else xp.exp(logp))
+    st = xp.permute_dims(s, (1, 0))  # (C, N)
+
+    def cols(a: int, b: int) -> Array:
+        sk = st[_check_range(a, b, C), :][..., None]  # (m, N, 1)
+        onehot = _onehot_rows(a, b, C, zw, xp=xp)  # (m, 1, C)
+        out = onehot * sk if p is None else onehot * sk - p[None, ...] * sk  # √p_k (e_k − p), as factor()
+        return restore(out, dtype, xp=xp)
+
+    return C, cols
+
+
+def _check_range(a: int, b: int, M: int) -> slice:
+    if not 0 <= a <= b <= M:
+        raise ValueError(f"columns: expected 0 <= start <= stop <= {M}, got {(a, b)}")
+    return slice(a, b)
 
 
 def _onehot_rows(start, stop, C, like, *, xp):

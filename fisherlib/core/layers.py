@@ -38,7 +38,7 @@ from ._compat import array_namespace, device
 
 Array = Any
 
-__all__ = ["KINDS", "Layer", "diag", "per_example_grads"]
+__all__ = ["KINDS", "Layer", "diag", "diag_from_sums", "per_example_grads", "sums_squares"]
 
 KINDS = ("dense", "embedding", "scale_shift")
 
@@ -128,10 +128,34 @@ def chunk_inputs(layer: Layer) -> int:
 # --------------------------------------------------------------------------- dense / scale-shift
 
 
+def sums_squares(layer: Layer) -> Array | None:
+    """Σ_v g² (1, N, G, O) of a dense layer without shared positions; None for other layers.
+
+    The exact diagonal of such a layer is (Σ_v g²)ᵀ x² (:func:`diag_from_sums`), so a caller
+    going through the C exact columns in chunks adds these up and multiplies by x² once.
+    """
+    if layer.kind != "dense" or layer.g.shape[2] != 1:
+        return None
+    xp = array_namespace(layer.g)
+    g = _widen(layer.g, xp)[:, :, 0, ...]
+    return xp.sum(g * g, axis=0, keepdims=True)
+
+
+def diag_from_sums(layer: Layer, g2: Array) -> dict[str, Array]:
+    """The diagonal (1, *leaf) of a dense layer from its (accumulated) :func:`sums_squares`."""
+    xp = array_namespace(g2)
+    out = _dense_diag_from_g2(layer, _widen(layer.x, xp), g2, xp=xp)
+    return {role: _to_leaf(layer, role, a, xp=xp) for role, a in out.items()}
+
+
 def _dense_diag_unshared(layer, x, g, sum_probes, *, xp):
     g2 = g[:, :, 0, ...] ** 2  # (V, N, G, O)
     if sum_probes:
         g2 = xp.sum(g2, axis=0, keepdims=True)
+    return _dense_diag_from_g2(layer, x, g2, xp=xp)
+
+
+def _dense_diag_from_g2(layer, x, g2, *, xp):
     out = {}
     if "weight" in layer.leaves:
         x2 = xp.permute_dims(x[:, 0, ...] ** 2, (1, 0, 2))  # (G, N, I)

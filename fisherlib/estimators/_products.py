@@ -49,17 +49,13 @@ def column_chunks(z: Array, shape: tuple[int, ...], opts: dict, per_column: int)
     xp = array_namespace(z)
     N, C = shape[0], shape[-1]
     T = math.prod(shape[1:-1])
-    M = opts["rank"] if opts["bound"] == "lower" else C
+    M, columns = cotangents.column_source(z, opts["likelihood"], opts["bound"], opts["rank"])
     step = max(1, min(M, ELEMENTS // max(1, per_column, z.shape[0] * C)))
     for t in range(T):
+        at = xp.astype(xp.arange(T, device=device(z)) == t, z.dtype)[None, None, :, None] if T > 1 else None
         for k in range(0, M, step):
-            cols = cotangents.exact_columns(z, opts["likelihood"], opts["bound"], opts["rank"],
-                                            columns=(k, min(k + step, M)))
-            cols = xp.reshape(cols, (cols.shape[0], N, T, C))
-            if T > 1:
-                at = xp.astype(xp.arange(T) == t, cols.dtype)
-                cols = cols * at[None, None, :, None]
-            yield xp.reshape(cols, (cols.shape[0], *shape))
+            cols = xp.reshape(columns(k, min(k + step, M)), (-1, N, T, C))
+            yield xp.reshape(cols if at is None else cols * at, (cols.shape[0], *shape))
 
 
 def per_example(be, model, params, inputs, cts, capture, *, structure, plan, shapes, names, summed,
@@ -69,26 +65,45 @@ def per_example(be, model, params, inputs, cts, capture, *, structure, plan, sha
     ``summed``: add the V rows (exact columns, empirical) instead of keeping one per probe.
     """
     total = None
+    # Summed diagonals of unshared dense layers: Σ_v g² is added over column chunks and
+    # multiplied by x² once at the end, instead of once per chunk.
+    deferred: dict[int, Any] = {} if summed and structure in ("diag", "trace") else None
+    layers = None
     for ct in cts:
         if capture is not None and capture.calls:
-            c = _by_layers(be, model, params, inputs, ct, capture, structure, plan, shapes, names, summed,
-                           chunk_size)
+            layers = capture(ct)
+            c = _by_layers(be, model, params, inputs, ct, capture, layers, structure, plan, shapes, names, summed,
+                           chunk_size, deferred)
         else:
             c = _generic(be, model, params, inputs, ct, structure, plan, sum(map(math.prod, shapes)), summed,
                          chunk_size)
         total = c if total is None else [a + x for a, x in zip(total, c)]
+    if deferred:
+        index = {n: i for i, n in enumerate(names)}
+        diag: list[Any] = [None] * len(names)
+        for pos, g2 in deferred.items():
+            for role, a in core_layers.diag_from_sums(layers[pos], g2).items():
+                diag[index[layers[pos].leaves[role]]] = a
+        xp = array_namespace(*total)
+        extra = [a if a is not None else 0 for a in diag] if structure == "diag" else \
+            [sum(xp.sum(xp.reshape(a, (1, -1)), axis=1) for a in diag if a is not None)]
+        total = [t + e for t, e in zip(total, extra)]
     return total
 
 
-def _by_layers(be, model, params, inputs, ct, capture, structure, plan, shapes, names, summed, chunk_size):
-    layers = capture(ct)
+def _by_layers(be, model, params, inputs, ct, capture, layers, structure, plan, shapes, names, summed, chunk_size,
+               deferred):
     index = {n: i for i, n in enumerate(names)}
     uncovered = [index[n] for n in capture.uncovered]
     xp = array_namespace(ct)
     V = 1 if summed else ct.shape[0]
     if structure in ("diag", "trace"):
         diag: list[Array | None] = [None] * len(names)
-        for layer in layers:
+        for pos, layer in enumerate(layers):
+            g2 = core_layers.sums_squares(layer) if deferred is not None else None
+            if g2 is not None:  # finished by per_example once every chunk is in
+                deferred[pos] = g2 if pos not in deferred else deferred[pos] + g2
+                continue
             for role, a in core_layers.diag(layer, sum_probes=summed).items():
                 diag[index[layer.leaves[role]]] = a
         if uncovered:
@@ -164,15 +179,6 @@ def accumulate(grads, structure, plan, *, sum_probes):
 def widen(g, xp):
     """Reduced precisions accumulate in float32."""
     return g if g.dtype in (xp.float32, xp.float64) else xp.astype(g, xp.float32)
-
-
-def slice_inputs(inputs: Any, i: int, j: int) -> Any:
-    """Inputs i..j-1 of a batch: an array, or a tree (dict, tuple, list) of arrays."""
-    if isinstance(inputs, dict):
-        return {k: slice_inputs(v, i, j) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(slice_inputs(v, i, j) for v in inputs)
-    return inputs[i:j, ...] if hasattr(inputs, "shape") else inputs
 
 
 def _zeros(xp, like, shape):

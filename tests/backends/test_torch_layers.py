@@ -312,3 +312,17 @@ def test_huggingface_bert_with_attention_mask():
     bert.train()  # dropout: one forward, a warning
     with pytest.warns(UserWarning, match="dropout"):
         fisherlib.fisher(model, None, [((ids, mask), None)], method="exact")
+
+
+@pytest.mark.parametrize("structure", ["diag", "trace", "blocks"])
+def test_exact_columns_in_chunks(monkeypatch, structure):
+    """A tiny element budget splits the C exact columns (and the inputs) into many chunks."""
+    from fisherlib.core import layers as core_layers
+    from fisherlib.estimators import _products
+
+    _, model, x = MODELS[1]  # convolutions (shared positions) and a dense head
+    whole = fisherlib.fisher(model, None, x, method="exact", structure=structure)
+    monkeypatch.setattr(_products, "ELEMENTS", 64)
+    monkeypatch.setattr(core_layers, "_ELEMENTS", 64)
+    chunked = fisherlib.fisher(model, None, x, method="exact", structure=structure)
+    assert _max_rel(chunked.value, whole.value) < TOL
