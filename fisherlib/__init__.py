@@ -5,10 +5,10 @@ The core-space geometry lives in :mod:`fisherlib.simplex` (softmax) and
 framework: torch, jax and cupy are loaded only when you pass their arrays.
 """
 
-from . import backends, hypercube, models, simplex
-from .estimators import FisherEstimate, Sketch, fisher
+from . import backends, hypercube, models, natural, simplex, spectral
+from .estimators import FisherEstimate, RunningFisher, Sketch, fisher
 
 __version__ = "0.1.0"
 
-__all__ = ["FisherEstimate", "Sketch", "__version__", "backends", "fisher", "hypercube", "models",
-           "simplex"]
+__all__ = ["FisherEstimate", "RunningFisher", "Sketch", "__version__", "backends", "fisher", "hypercube",
+           "models", "natural", "simplex", "spectral"]

@@ -117,6 +117,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("layer_io", "layer I/O: per-example products from layer inputs and output cotangents "
             "(`layer_io`)", "layer I/O"),
     Feature("jvp", "Jacobian-vector products (`jvp`: F·v in `fisherlib.spectral`)", "JVP"),
+    Feature("training_loop", "training-loop reuse (`loss_linearize`: a framework loss, its gradient "
+            "and K probes from one forward and one batched backward; `RunningFisher`)", "training loop"),
     Feature("own_params", "models that own their parameters (`params=None`)", "own parameters"),
     Feature("jit", "jit / tracing", "jit"),
     Feature("float64", "float64", "float64"),
@@ -143,6 +145,10 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
             "explicit-VJP models that state `jvp(params, x, tangent)` (`fisherlib.models` do); "
             "without it `fisherlib.spectral` falls back to C per-example VJPs per input"
         ),
+        "training_loop": _depends(
+            "cross-entropy only (`loss=None`, computed in the core, through `linearize`): a "
+            "framework loss needs `loss_linearize`, which explicit-VJP models lack"
+        ),
         "own_params": _no("explicit-VJP models take their parameters as an argument"),
         "jit": _no("NumPy runs eagerly; there is nothing to compile"),
         "float64": YES,
@@ -162,6 +168,8 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
             "take the per-example VJP"
         ),
         "jvp": _yes("`torch.func.jvp` of `functional_call`, K directions in one `torch.func.vmap`"),
+        "training_loop": _yes("`loss_linearize`: the loss's logit gradient by autograd, then the "
+                              "forward's one batched `autograd.grad` over [loss; K probes]"),
         "own_params": YES,  # an nn.Module's parameters with requires_grad=True
         "jit": _no(
             "`torch.compile` is not supported or tested (with torch 2.13 a compiled module failed "
@@ -177,6 +185,9 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "per_example": YES,  # jax.vmap, or jax.lax.map in chunks
         "layer_io": _no("not yet: per-example methods use the per-example VJP (`jax.vmap`)"),
         "jvp": _yes("`jax.jvp`; K directions through one `jax.linearize` and `vmap`, jit-compiled"),
+        "training_loop": _yes("`loss_linearize` (`jax.value_and_grad` of the loss, `vmap` of the "
+                              "pullback) and `compile` (`jax.jit` of the running estimate's update); "
+                              "the optax transformation traces inside your `jit`"),
         "own_params": _no(
             "JAX models are pure functions `f(params, x)`: pass the parameter pytree (flax "
             "variables, `eqx.partition`)"
@@ -198,6 +209,7 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
             "no `jvp` in the adapter: `fisherlib.spectral` falls back to the Jacobian rows, C "
             "per-example VJPs per input"
         ),
+        "training_loop": _depends("cross-entropy only, through `linearize` (" + _CUPY_MODELS + ")"),
         "own_params": _depends("a torch `nn.Module` through DLPack (needs torch with CUDA)"),
         "jit": _no("CuPy runs eagerly (a torch or JAX model keeps its own adapter's behaviour)"),
         "float64": YES,
@@ -210,6 +222,7 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "per_example": _depends("through the `numpy` adapter: explicit-VJP models only"),
         "layer_io": _no("through the `numpy` adapter: explicit-VJP models have no layers to recognise"),
         "jvp": _depends("through the `numpy` adapter: explicit-VJP models with a `jvp` method"),
+        "training_loop": _depends("through the `numpy` adapter: explicit-VJP models, cross-entropy only"),
         "own_params": _no("explicit-VJP models take their parameters as an argument"),
         "jit": _no("an eager reference implementation"),
         "float64": YES,
