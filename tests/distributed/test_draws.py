@@ -138,3 +138,14 @@ def test_resumed_run_counts_nothing_twice(setup, tmp_path):
     resumed.save(tmp_path / "all.npz")
     with pytest.raises(ValueError, match="twice"):
         FisherEstimate.load(tmp_path / "all.npz") + again
+
+
+def test_importing_distributed_loads_no_framework():
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys, fisherlib.distributed; "
+            "print(json.dumps([m for m in ('torch', 'jax', 'cupy') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
