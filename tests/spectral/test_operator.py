@@ -16,8 +16,9 @@ FW = [pytest.param(f, marks=pytest.mark.skipif(f != "numpy" and importlib.util.f
                                                 reason=f"{f} not installed")) for f in FRAMEWORKS]
 
 
-@pytest.mark.parametrize("framework, bound", [(f, b) for f in FW for b in (None, "upper", "lower")
-                                              if b is None or f.values[0] != "jax"])
+@pytest.mark.parametrize("framework, bound", [
+    pytest.param(f.values[0], b, marks=f.marks, id=f"{f.values[0]}-{b}")
+    for f in FW for b in (None, "upper", "lower") if b is None or f.values[0] != "jax"])
 def test_matmat_is_dense_fisher(framework, bound):
     model, params, batches, order = case(framework)
     op = fisher_operator(model, params, batches, bound=bound)
