@@ -247,25 +247,29 @@ class JaxBackend:
 
     def _jvp_fn(self, model: Callable, batched: bool) -> Callable:
         cache = self.__dict__.setdefault("_jvp_cache", OrderedDict())
-        key = (id(getattr(model, "__self__", None)), id(getattr(model, "__func__", model)), batched)
+        output = getattr(self, "output", None)  # where the logits are in the model's output
+        key = (id(getattr(model, "__self__", None)), id(getattr(model, "__func__", model)), batched, id(output))
         hit = cache.get(key)
-        if hit is not None and (hit[0] is model or _same_method(hit[0], model)):
+        if hit is not None and (hit[0] is model or _same_method(hit[0], model)) and hit[2] is output:
             return hit[1]
 
+        def f(p, inputs):
+            return logits_of(model(p, inputs), output)
+
         def one(params, inputs, t):
-            return jax.jvp(lambda p: model(p, inputs), (params,), (t,))[1]
+            return jax.jvp(lambda p: f(p, inputs), (params,), (t,))[1]
 
         def many(params, inputs, ts):
             if not self.batch_probes:
                 k = jax.tree_util.tree_leaves(ts)[0].shape[0]
                 return jnp.stack([one(params, inputs, jax.tree_util.tree_map(lambda a: a[i], ts)) for i in range(k)])
-            _, lin = jax.linearize(lambda p: model(p, inputs), params)
+            _, lin = jax.linearize(lambda p: f(p, inputs), params)
             return jax.vmap(lin)(ts)
 
         fn = many if batched else one
         if self.jit:
             fn = jax.jit(fn)
-        cache[key] = (model, fn)
+        cache[key] = (model, fn, output)
         if len(cache) > self._CACHE_SIZE:
             cache.popitem(last=False)
         return fn

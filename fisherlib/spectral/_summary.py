@@ -218,7 +218,7 @@ def fisher_spectrum(model: Any, params: Any, batches: Any, *, k: int = 1, method
     R = C * sum(x.shape[0] for x, _ in op.batches)
     if method == "auto":
         method = "exact" if R * op.n_params <= max_elements and op._forward(0)[0].ndim == 2 else "estimate"
-    bar = _bar(progress, method, k, max_steps, slq_steps, bounds)
+    bar = _bar(progress, method)
     for o in ops:
         o.on_pass = bar.update if bar is not None else None
     try:
@@ -274,7 +274,7 @@ def _estimate(op, bound_ops, k, probes, slq_steps, max_steps, tol, seed) -> dict
     return out
 
 
-def _bar(show, method, k, max_steps, slq_steps, bounds):
+def _bar(show: bool, method: str):
     if not show:
         return None
     try:
