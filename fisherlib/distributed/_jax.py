@@ -57,7 +57,8 @@ def jax_fisher(model: Any, params: Any, batches: Any, *, stacked: bool = False,
     scan), and one cross-device sum of the estimate's size per call. Batches whose shape differs
     from the first one's (a short last batch), and the last ``len(batches) mod D``, run on the
     first device. The value checks of the logits that one-device runs make are skipped inside
-    the compiled program. One process: on many hosts, use :func:`fisherlib.distributed.fisher`
+    the compiled program, and labels cannot be searched for ``ignore_index`` there: pass
+    ``ignore_index=None`` with labels (when none is ignored). One process: on many hosts, use :func:`fisherlib.distributed.fisher`
     or the map-reduce recipe of docs/distributed.md.
     """
     import jax
@@ -193,7 +194,13 @@ def _sharded(model, params, groups, devices, be, seed, kwargs) -> FisherEstimate
             run[key] = program(key)
         args = [jax.device_put(xs, split), None if ys is None else jax.device_put(ys, split),
                 jax.device_put(seeds, split)]
-        out = run[key](params, *args)  # (D, L), row d on device d: no communication
+        try:
+            out = run[key](params, *args)  # (D, L), row d on device d: no communication
+        except jax.errors.ConcretizationTypeError as e:
+            raise ValueError(
+                "batches: fisher() needed a concrete value that the compiled multi-device program "
+                "only has traced (with labels: whether they hold ignore_index; pass ignore_index=None "
+                "when none is ignored), or run one fisher() per device and merge") from e
         acc = out if acc is None else acc + out
         n_inputs += skeleton[0].n_inputs * xs.shape[0]
         per_batch = skeleton[0].n_outputs  # a count from masks would be traced: unknown then

@@ -36,6 +36,7 @@ def main():
     params = {"w1": jnp.asarray(rng.normal(size=(3, 5))), "b1": jnp.asarray(rng.normal(size=5)),
               "w2": jnp.asarray(rng.normal(size=(5, 4)))}
     batches = [jnp.asarray(rng.normal(size=(4, 3))) for _ in range(8)]
+    labels = [jnp.asarray(rng.integers(0, 4, size=4)) for _ in range(8)]
     out = {"devices": len(jax.devices())}
     kw = dict(probes=3, seed=2)
     # 9 batches: two steps of one batch per device, and the ninth on the first device.
@@ -50,6 +51,14 @@ def main():
     one = fisherlib.fisher(model, params, batches, method="exact", first_batch=0)
     many = fd.jax_fisher(model, params, xs, stacked=True, method="exact")
     out["stacked"] = [gap(one, many), many.n_inputs, many.draws]
+    # Labels travel with their batches (stacked and sharded alike). ignore_index=None: a traced
+    # label array cannot say whether it holds the ignored index, and fisher() then counts the
+    # kept outputs eagerly (see the report of issue 15).
+    ys = jax.device_put(jnp.stack(labels), shard)
+    pairs = list(zip(batches, labels))
+    one = fisherlib.fisher(model, params, pairs, method="empirical", first_batch=0, ignore_index=None)
+    many = fd.jax_fisher(model, params, (xs, ys), stacked=True, method="empirical", ignore_index=None)
+    out["labels"] = [gap(one, many), many.n_inputs, many.draws]
     print(json.dumps(out))
 
 
