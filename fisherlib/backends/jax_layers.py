@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.layers import Layer
-from ._jaxpr import VIEWS, Program, arange_like, view_index
+from ._jaxpr import VIEWS, Lit, Program, arange_like, view_index
 
 __all__ = ["LayerCapture", "RECOGNISED", "capture"]
 
@@ -67,10 +67,11 @@ _PERMS = 720  # the most axis orders tried when matching a kernel's layout
 class _Spec:
     """One recognised layer: kind, roles (role -> leaf index), the perturbed and the input variable."""
 
-    def __init__(self, kind, roles, out, x, canon_x, perm, gshape, layout="oi", num=0, bias=None):
+    def __init__(self, kind, roles, out, x, canon_x, perm, gshape, layout="oi", num=0, coefs=()):
         self.kind, self.roles, self.out, self.x = kind, roles, out, x
         self.canon_x, self.perm, self.gshape = canon_x, perm, gshape
-        self.layout, self.num, self.bias = layout, num, bias
+        self.layout, self.num, self.coefs = layout, num, coefs
+        self.bias = None  # a shift: (node, position, index array), for a dense layer to take
 
     def canon_g(self, g):
         """(V, *out) -> the canonical (V, N, S, ...) of core.layers."""
@@ -120,12 +121,24 @@ class _Analysis:
                 self.batch[v] = diff[0]
             elif diff or len(s) != len(s2):
                 self.batch[v] = -1  # depends on the batch in a way no rule takes
+        # Variables computed from any parameter leaf or input: constants are the rest.
+        self.varying = set(range(prog.n_in))
+        for node in prog.nodes:
+            if any(isinstance(r, int) and r in self.varying for r in node.ins):
+                self.varying.update(node.outs)
+
+    def _constant(self, r) -> bool:
+        return not isinstance(r, int) or r not in self.varying
 
     def uses(self, leaf: int) -> list:
-        """Every non-view use of the leaf: (node, operand position, index array of the operand)."""
-        found, stack = [], [(leaf, arange_like(self.prog.shapes[leaf]))]
+        """Every non-view use of the leaf: (node, operand position, index array, coefficients).
+
+        Views carry the index array along; a product with a constant (flax's BatchNorm folds
+        ``rsqrt(running_var + eps)`` into its scale) is carried as a coefficient.
+        """
+        found, stack = [], [(leaf, arange_like(self.prog.shapes[leaf]), ())]
         while stack:
-            v, idx = stack.pop()
+            v, idx, coefs = stack.pop()
             if v in self.outs:
                 found.append(None)
             for i, pos in self.cons.get(v, []):
@@ -133,9 +146,17 @@ class _Analysis:
                 if node.name in VIEWS and pos == 0:
                     nxt = view_index(node, idx)
                     if nxt is not None:
-                        stack.append((node.outs[0], nxt))
+                        stack.append((node.outs[0], nxt, coefs))
                         continue
-                found.append((i, pos, idx))
+                if node.name == "mul" and self._constant(node.ins[1 - pos]):
+                    try:
+                        nxt = np.broadcast_to(idx, self.prog.shapes[node.outs[0]])
+                    except ValueError:
+                        nxt = None
+                    if nxt is not None:
+                        stack.append((node.outs[0], nxt, (*coefs, node.ins[1 - pos])))
+                        continue
+                found.append((i, pos, idx, coefs))
         return found
 
     def _b(self, r):
@@ -144,11 +165,12 @@ class _Analysis:
         return None if b is None or b < 0 else b
 
     def match(self, leaf: int, use) -> _Spec | None:
-        i, pos, idx = use
+        i, pos, idx, coefs = use
         node = self.prog.nodes[i]
-        rule = {"dot_general": self._dense, "conv_general_dilated": self._conv, "mul": self._scale,
-                "add": self._shift, "gather": self._embedding}.get(node.name)
-        if rule is None or len(node.outs) != 1 or self._b(node.outs[0]) is None:
+        if node.name in ("mul", "add"):
+            return (self._scale if node.name == "mul" else self._shift)(leaf, node, pos, idx, coefs)
+        rule = {"dot_general": self._dense, "conv_general_dilated": self._conv, "gather": self._embedding}.get(node.name)
+        if rule is None or coefs or len(node.outs) != 1 or self._b(node.outs[0]) is None:
             return None
         return rule(leaf, node, pos, idx)
 
@@ -177,7 +199,7 @@ class _Analysis:
         O = size // I
         xperm = (bA, *S, *[cA[cP.index(d)] for d in pi])
 
-        def canon_x(x):
+        def canon_x(x, _=()):
             return jnp.reshape(jnp.transpose(x, xperm), (self.N, n_s, 1, I))
 
         perm = (ypos[("A", bA)], *[ypos[("A", d)] for d in S], *[ypos[("P", d)] for d in po])
@@ -207,7 +229,7 @@ class _Analysis:
         order = [i_axes.index(k) for k in pi]  # positions in (Cg, k_1 .. k_d)
         N = self.N
 
-        def canon_x(x):
+        def canon_x(x, _=()):
             pt = jax.lax.conv_general_dilated_patches(
                 x, tuple(ksz), p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"], dn,
                 precision=p.get("precision"))
@@ -242,26 +264,37 @@ class _Analysis:
                 return perm, (self.N, n_s, C)
         return None
 
-    def _scale(self, leaf, node, pos, idx):
-        a = node.ins[1 - pos]
-        got = self._elementwise(node, pos, idx, leaf) if isinstance(a, int) else None
+    def _scale(self, leaf, node, pos, idx, coefs, shift=False):
+        """y = a ⊙ (c ⊙ P): the scale rule with x̂ = a ⊙ c; y = a + c ⊙ P (``shift``): x̂ = c."""
+        a = None if shift else node.ins[1 - pos]
+        if len(node.outs) != 1 or self._b(node.outs[0]) is None or not (isinstance(a, int) or shift):
+            return None
+        got = self._elementwise(node, pos, idx, leaf)
         if got is None:
             return None
         perm, shape = got
         y_shape = self.prog.shapes[node.outs[0]]
 
-        def canon_x(x):
-            return jnp.reshape(jnp.transpose(jnp.broadcast_to(x, y_shape), perm), shape)
+        def canon_x(x, cs=()):
+            vals = ([x] if x is not None else []) + list(cs)
+            out = vals[0]
+            for c in vals[1:]:
+                out = out * c
+            return jnp.reshape(jnp.transpose(jnp.broadcast_to(out, y_shape), perm), shape)
 
-        return _Spec("scale_shift", {"scale": leaf}, node.outs[0], a, canon_x, perm, shape)
+        return _Spec("scale_shift", {"scale": leaf}, node.outs[0], a, canon_x, perm, shape, coefs=coefs)
 
-    def _shift(self, leaf, node, pos, idx):
+    def _shift(self, leaf, node, pos, idx, coefs):
+        if coefs:  # y = a + c ⊙ P: a scale whose x̂ is c
+            return self._scale(leaf, node, pos, idx, coefs, shift=True)
+        if len(node.outs) != 1 or self._b(node.outs[0]) is None:
+            return None
         got = self._elementwise(node, pos, idx, leaf)
         if got is None:
             return None
         perm, shape = got
         dtype = self.prog.dtypes[node.outs[0]]
-        spec = _Spec("scale_shift", {"shift": leaf}, node.outs[0], None, lambda _: jnp.zeros(shape, dtype), perm,
+        spec = _Spec("scale_shift", {"shift": leaf}, node.outs[0], None, lambda *_: jnp.zeros(shape, dtype), perm,
                      shape)
         spec.bias = (node, pos, idx)  # a dense layer right before may take it as its bias
         return spec
@@ -291,7 +324,7 @@ class _Analysis:
         num, N = table[0], self.N
         clip = "CLIP" in mode
 
-        def canon_x(ix):
+        def canon_x(ix, _=()):
             rows = jnp.reshape(jnp.transpose(ix[..., k_row], iperm), (N, n_s))
             return jnp.clip(rows, 0, num - 1) if clip else rows
 
@@ -375,8 +408,9 @@ def _plan(model: Callable, leaves: list, treedef, inputs: Any):
 
 
 def _compile(prog: Program, specs: list[_Spec], jit: bool):
-    pert = [s.out for s in specs]
-    keep = {s.x for s in specs if s.x is not None}
+    pert = list(dict.fromkeys(s.out for s in specs))  # one perturbation per output, however many layers
+    at = [pert.index(s.out) for s in specs]
+    keep = {s.x for s in specs if s.x is not None} | {c for s in specs for c in s.coefs if isinstance(c, int)}
 
     def fwd(leaves, xs):
         args = list(leaves) + list(xs)
@@ -387,15 +421,16 @@ def _compile(prog: Program, specs: list[_Spec], jit: bool):
 
         zeros = [jnp.zeros(prog.shapes[v], prog.dtypes[v]) for v in pert]
         logits, pullback, rec = jax.vjp(f, zeros, has_aux=True)
-        return jax.lax.stop_gradient(logits), [s.canon_x(rec.get(s.x)) for s in specs], pullback
+        xs = [s.canon_x(rec.get(s.x), [c.val if isinstance(c, Lit) else rec[c] for c in s.coefs]) for s in specs]
+        return jax.lax.stop_gradient(logits), xs, pullback
 
     def pull(pullback, ct):
         gs = jax.vmap(pullback)(ct)[0]
-        return [s.canon_g(g) for s, g in zip(specs, gs)]
+        return [s.canon_g(gs[k]) for s, k in zip(specs, at)]
 
     def pull_one(pullback, ct):
         gs = pullback(ct)[0]
-        return [s.canon_g(g[None]) for s, g in zip(specs, gs)]
+        return [s.canon_g(gs[k][None]) for s, k in zip(specs, at)]
 
     if jit:
         return jax.jit(fwd), jax.jit(pull), jax.jit(pull_one)
