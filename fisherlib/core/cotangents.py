@@ -87,6 +87,9 @@ def column_source(z: Array, likelihood: str = "softmax", bound: str | None = Non
     xp, zw, dtype = check_logits(z, softmax=likelihood == "softmax")
     _likelihood(likelihood)
     if likelihood == "softmax" and bound == "lower":
+        if not 1 <= rank <= zw.shape[-1]:  # else top_eigpair's "k:"
+            raise ValueError(f"rank: the lower envelope has at most C={zw.shape[-1]} eigenpairs (classes), "
+                             f"got rank={rank}")
         lam, vec = simplex.top_eigpair(z, k=rank)
         if rank == 1:
             lam, vec = lam[..., None], vec[..., None]
