@@ -183,7 +183,11 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "core": YES,
         "batched_vjp": YES,  # one vmap of the pullback
         "per_example": YES,  # jax.vmap, or jax.lax.map in chunks
-        "layer_io": _no("not yet: per-example methods use the per-example VJP (`jax.vmap`)"),
+        "layer_io": _yes(
+            "layers found in the model's jaxpr (see the supported-layers table in "
+            "`docs/per-example.md`), one `vmap` of one pullback to their outputs, jit-compiled per "
+            "shape; other leaves take the per-example VJP"
+        ),
         "jvp": _yes("`jax.jvp`; K directions through one `jax.linearize` and `vmap`, jit-compiled"),
         "training_loop": _yes("`loss_linearize` (`jax.value_and_grad` of the loss, `vmap` of the "
                               "pullback) and `compile` (`jax.jit` of the running estimate's update); "
@@ -256,6 +260,20 @@ LAYERS: dict[str, tuple[LayerRule, ...]] = {
         LayerRule("`nn.GroupNorm`", "scale_shift", "weight, bias", "per channel, shared over positions"),
         LayerRule("`nn.BatchNorm1d/2d/3d`", "scale_shift", "weight, bias",
                   "eval mode only (running statistics); training mode is refused by per-example methods"),
+    ),
+    "jax": (
+        LayerRule("`dot_general` with a parameter operand (`x @ W`, `einsum`, flax `Dense`/`DenseGeneral`/"
+                  "`nnx.Linear`, equinox `Linear` under `vmap`)", "dense", "kernel, bias",
+                  "any stored layout (I, O), (O, I) or multi-axis; other free axes of x share the "
+                  "kernel; the bias is a parameter added right after"),
+        LayerRule("`conv_general_dilated` (flax `Conv`, equinox `Conv` under `vmap`)", "dense", "kernel, bias",
+                  "over patches; strides, padding, input and kernel dilation, feature groups"),
+        LayerRule("`jnp.take` / `W[idx]` of whole rows of a 2-D table (flax `Embed`, equinox "
+                  "`Embedding`)", "embedding", "table", "clip and fill modes"),
+        LayerRule("a parameter multiplied in (`x * scale`: `LayerNorm`, `RMSNorm`, `GroupNorm`, "
+                  "`BatchNorm` with running averages)", "scale_shift", "scale",
+                  "constant factors such as flax's `rsqrt(var + eps)` are folded into x̂"),
+        LayerRule("a parameter added (`x + bias`, positional embeddings)", "scale_shift", "bias", ""),
     ),
 }
 """Per adapter, the layers whose leaves the layer-I/O rules cover; every other leaf takes the
