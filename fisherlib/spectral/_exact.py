@@ -15,6 +15,7 @@ import numpy as np
 
 from ..core import cotangents
 from ..estimators import _fisher
+from ..estimators._batches import n_of, slice_tree
 from ..estimators._estimate import _to_numpy
 from ._operator import FisherOperator
 
@@ -58,7 +59,7 @@ def factor_rows(op: FisherOperator) -> Array:
         M, N = cols.shape[0], cols.shape[1]
         chunk = max(1, _CHUNK_ELEMENTS // max(1, M * op.n_params))
         for i in range(0, N, chunk):
-            g = be.per_example_vjp(op.model, op.params, inputs[i:i + chunk, ...], cols[:, i:i + chunk, :])
+            g = be.per_example_vjp(op.model, op.params, slice_tree(inputs, i, i + chunk), cols[:, i:i + chunk, :])
             rows.append(xp.reshape(op.flatten(g), (-1, op.n_params)))
         n_total += N
     A = xp.concat(rows, axis=0)
@@ -83,7 +84,7 @@ def gram_spectrum(op: FisherOperator, *, max_elements: int = MAX_ELEMENTS) -> Gr
     variance.
     """
     M = op.rank if op.bound == "lower" else op._forward(0)[0].shape[-1]
-    R = M * sum(inputs.shape[0] for inputs, _ in op.batches)
+    R = M * sum(n_of(inputs) for inputs, _ in op.batches)
     if R * op.n_params > max_elements:
         raise ValueError(f"max_elements: the exact spectrum needs a {R} x {op.n_params} factor "
                          f"({R * op.n_params:,} entries), more than max_elements = {max_elements:,}; "

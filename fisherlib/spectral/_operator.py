@@ -16,6 +16,8 @@ import numpy as np
 from ..core import hypercube, simplex
 from ..core._compat import array_namespace, device
 from ..estimators import _fisher
+from ..estimators._batches import batches as read_batches
+from ..estimators._batches import n_of, slice_tree
 from ..estimators._estimate import _to_numpy
 
 Array = Any
@@ -74,6 +76,18 @@ def fisher_operator(model: Any, params: Any, batches: Any, *, likelihood: str = 
                           reduction=reduction, backend=backend, cache=cache)
 
 
+def _parameter_tree(be, model, params, logits, vjp):
+    """``params``, or the tree a model owns (``params=None``): from the adapter's ``parameters``
+    where it has one, else from the shape of one pull-back of zeros."""
+    if params is not None:
+        return params
+    own = getattr(be, "parameters", None)
+    if own is not None:
+        return own(model, None)
+    g = vjp(logits[None, ...] * 0)
+    return be.unflatten(g, [x[0, ...] for _, x in be.leaves(g)])
+
+
 class FisherOperator:
     """F (or a bound of it) on a dataset: products with trees or flat vectors, scipy and JAX views.
 
@@ -96,7 +110,7 @@ class FisherOperator:
             raise ValueError(f"reduction: expected one of ('sum', 'mean'), got {reduction!r}")
         self.model, self.params = model, params
         self.likelihood, self.bound, self.rank, self.reduction = likelihood, bound, rank, reduction
-        self.batches = list(_fisher._batches(batches))
+        self.batches = list(read_batches(batches))
         if not self.batches:
             raise ValueError("batches: no batch was given")
         first = self.batches[0][0]
@@ -104,8 +118,8 @@ class FisherOperator:
         self.cache = cache
         self._cached: dict[int, tuple] = {}
         logits, vjp = self._forward(0)
-        z, _ = _fisher._check_logits(logits, 0, likelihood)
-        self.template = _fisher._parameter_tree(self.backend, model, params, z, logits, vjp)
+        _fisher._check_logits(logits, 0, likelihood)
+        self.template = _parameter_tree(self.backend, model, params, logits, vjp)
         named = self.backend.leaves(self.template)
         self.names = [n for n, _ in named]
         self.shapes = [tuple(x.shape) for _, x in named]
@@ -239,8 +253,8 @@ class FisherOperator:
         eye = xp.eye(C, dtype=logits.dtype, device=device(logits))
         parts = []
         for i in range(0, N, chunk):
-            x = inputs[i:i + chunk, ...]
-            n = x.shape[0]
+            x = slice_tree(inputs, i, i + chunk)
+            n = n_of(x)
             ct = xp.broadcast_to(eye[:, None, :], (C, n, C))
             rows = self.flatten(self.backend.per_example_vjp(self.model, self.params, x, ct))  # (C, n, P)
             jv = xp.matmul(xp.reshape(rows, (C * n, self.n_params)), xp.matrix_transpose(V))  # (C n, K)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..estimators._batches import n_of
 from ..estimators._estimate import _to_numpy
 from ._density import SpectralDensity, exact_density, slq
 from ._exact import MAX_ELEMENTS, gram_spectrum
@@ -215,7 +216,7 @@ def fisher_spectrum(model: Any, params: Any, batches: Any, *, k: int = 1, method
                                   bound=bd, reduction=reduction, backend=op.backend, cache=cache)
                    for bd in ("lower", "upper")] if bounds else [])
     C = op._forward(0)[0].shape[-1]
-    R = C * sum(x.shape[0] for x, _ in op.batches)
+    R = C * sum(n_of(x) for x, _ in op.batches)
     if method == "auto":
         method = "exact" if R * op.n_params <= max_elements and op._forward(0)[0].ndim == 2 else "estimate"
     bar = _bar(progress, method)
