@@ -14,6 +14,7 @@ import fisherlib  # noqa: E402
 from fisherlib.demo import nets, spectrum_panel  # noqa: E402
 
 
+@pytest.mark.slow
 def test_panel_numbers_and_files(tmp_path):
     net = nets.build("numpy", (8, 12, 5), seed=0)
     x = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)

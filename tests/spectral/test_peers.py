@@ -21,6 +21,7 @@ def net():
     return model, x, y
 
 
+@pytest.mark.slow
 def test_lambda_max_agrees_with_curvlinops(net):
     model, x, y = net
     theirs = _peers.curvlinops_lambda_max(model, x, y, tol=1e-12)

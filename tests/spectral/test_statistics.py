@@ -24,6 +24,7 @@ def dense_stats():
                    "upper": np.linalg.eigvalsh(reference("upper"))[-1]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", FW)
 def test_exact_statistics(framework):
     model, params, batches, order = case(framework)
@@ -53,6 +54,7 @@ def test_exact_statistics(framework):
     assert len(s._op.backend.leaves(tree)) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", FW)
 def test_estimated_statistics(framework):
     """Lanczos eigenpairs to their residuals; Hutchinson m1, m2 within 4 standard errors."""
