@@ -130,3 +130,22 @@ def test_bad_arguments():
         op.matmat(np.ones((2, 5)))
     with pytest.raises(ValueError, match="tangent"):
         model.jvp(params, x, {"weight": np.ones((2, 2, 3, 1)), "bias": np.ones(2)})
+
+
+@pytest.mark.parametrize("model", [MLP([3, 5, 4, 2], activation="relu"), MLP([3, 6, 2]), Linear(3, 4)],
+                         ids=["relu MLP", "tanh MLP", "Linear"])
+def test_model_jvp_is_the_jacobian(model):
+    """fisherlib.models' own jvp: J t equals the Jacobian (from per-example VJPs) times t."""
+    from tests.estimators.fisher_reference import jacobians
+
+    params = model.init(seed=1)
+    x = np.random.default_rng(2).normal(size=(7, 3))
+    be = backends.get("numpy")
+    _, J = jacobians(be, model, params, x)  # (N, C, P)
+    names = list(params)
+    T = np.random.default_rng(3).normal(size=(3, J.shape[-1]))
+    sizes = np.cumsum([0] + [params[n].size for n in names])
+    tree = {n: T[:, a:b].reshape(3, *params[n].shape) for n, a, b in zip(names, sizes[:-1], sizes[1:])}
+    np.testing.assert_allclose(model.jvp(params, x, tree), np.einsum("ncp,kp->knc", J, T), rtol=1e-12, atol=1e-12)
+    one = {n: v[0] for n, v in tree.items()}
+    np.testing.assert_allclose(model.jvp(params, x, one), J @ T[0], rtol=1e-12, atol=1e-12)
