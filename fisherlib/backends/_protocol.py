@@ -30,6 +30,10 @@ class Backend(Protocol):
     ``nn.Module``) can also define ``parameters(model, params) -> tree``: ``params``, or the
     model's own parameters. It is optional (not part of the ``isinstance`` check): without it,
     fisherlib learns the tree from one extra pull-back of zeros.
+
+    Also optional: ``jvp(model, params, inputs, tangents) -> J t``, shaped like the logits (a
+    leading K when every leaf of ``tangents`` has one), for the products F v of
+    :mod:`fisherlib.spectral`, which falls back to per-example VJPs without it.
     """
 
     name: str
