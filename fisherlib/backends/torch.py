@@ -231,6 +231,8 @@ class TorchBackend:
 
         def vjp(ct: torch.Tensor) -> Tree:
             batched = check_ct(ct, shape)
+            if batched and ct.shape[0] == 1:  # one cotangent: a plain backward; vmap costs more on CPU
+                return rebuild([g.unsqueeze(0) for g in pull(ct[0], False)])
             if batched and not self.batch_probes:
                 rows = [pull(c, False) for c in ct]
                 return rebuild([torch.stack(col) for col in zip(*rows)])

@@ -28,7 +28,7 @@ from ._lib import log_sigmoid, log_softmax, restore
 
 Array = Any
 
-__all__ = ["column_source", "exact_columns", "hutchinson", "label_residual", "lower_bound", "sample_labels", "upper_bound"]
+__all__ = ["column_source", "cross_entropy_and_hutchinson", "exact_columns", "hutchinson", "label_residual", "lower_bound", "sample_labels", "upper_bound"]
 
 LIKELIHOODS = ("softmax", "sigmoid")
 
@@ -146,3 +146,38 @@ def label_residual(z: Array, y: Array, likelihood: str = "softmax") -> Array:
     C = zw.shape[-1]
     onehot = xp.astype(y[..., None] == xp.arange(C, device=device(zw)), zw.dtype)
     return onehot - xp.exp(log_softmax(zw, xp=xp))
+
+
+def cross_entropy_and_hutchinson(z: Array, y: Array, xi: Array) -> tuple[Array, Array]:
+    """A training step's cotangents from one log-softmax: (mean cross-entropy, (1 + K, N, C) stack).
+
+    Row 0 is ∂L/∂z = (p − e_y)/N for L = −(1/N) Σ_n log p_{y_n}(z_n); rows 1..K are the
+    Hutchinson cotangents B(p̃)ξ_k = √p ⊙ ξ_k − p (√p · ξ_k) (:func:`hutchinson`). Pulled back
+    together in one batched VJP, they give the loss gradient and K probe gradients of the same
+    forward pass (:class:`fisherlib.estimators.RunningFisher`).
+
+    Parameters
+    ----------
+    z : array (N, C)
+        Logits (softmax likelihood).
+    y : integer array (N,)
+        Class indices.
+    xi : array (K, N, C)
+        Probes.
+
+    Notes
+    -----
+    Cost: one log-softmax and O(K·N·C) elementwise work, about half of calling
+    :func:`label_residual` and :func:`hutchinson` separately (each computes its own softmax).
+    """
+    xp, zw, dtype = check_logits(z)
+    N, C = zw.shape
+    logp = log_softmax(zw, xp=xp)
+    p = xp.exp(logp)
+    sp = xp.exp(0.5 * logp)
+    onehot = y[:, None] == xp.arange(C, device=device(zw))
+    loss = -xp.sum(xp.where(onehot, logp, xp.zeros_like(logp))) / N
+    ct = (p - xp.astype(onehot, p.dtype)) / N
+    w = xp.astype(xi, p.dtype) if xi.dtype != p.dtype else xi
+    hut = sp * w - p * xp.sum(sp * w, axis=-1, keepdims=True)
+    return restore(loss, dtype, xp=xp), restore(xp.concat([ct[None, ...], hut], axis=0), dtype, xp=xp)

@@ -171,40 +171,42 @@ def layout(names: Sequence[str], shapes: Sequence[tuple[int, ...]], structure: s
 
 def probe_terms(lay: Layout, grads: Sequence[Array], n: int) -> dict[str, Array]:
     """Per-probe terms (K, ...) of the estimate from probe gradients ``grads`` (K, *leaf), / n."""
+    return {k: q / n for k, q in _raw_terms(lay, grads).items()}
+
+
+def _raw_terms(lay: Layout, grads: Sequence[Array]) -> dict[str, Array]:
     xp = array_namespace(*grads)
     index = {name: i for i, name in enumerate(lay.names)}
     out: dict[str, Array] = {}
     for key in lay.keys:
         kind, name = key.split(":", 1)
-        i = index[name]
-        g = grads[i]
+        g = grads[index[name]]
         if kind == "diag":
-            out[key] = g * g / n
+            out[key] = g * g
         elif kind == "block":
             v = xp.reshape(g, (g.shape[0], -1))
-            out[key] = v[:, :, None] * v[:, None, :] / n
+            out[key] = v[:, :, None] * v[:, None, :]
         else:
             u = lay.unit(name)
             v = to_units(u, g, None if u.bias is None else grads[u.bias], lead=1)  # (K, U, S)
-            if kind == "cross":
-                out[key] = v[..., :-1] * v[..., -1:] / n
-            else:
-                out[key] = xp.matmul(v[..., :, None], v[..., None, :]) / n
+            out[key] = v[..., :-1] * v[..., -1:] if kind == "cross" else xp.matmul(v[..., :, None], v[..., None, :])
     return out
 
 
-def init_state(lay: Layout, like: Array) -> dict[str, Any]:
-    """Zero state (``m``, ``s`` per term; weights ``w``, ``w2``; step count ``t``) on ``like``'s device."""
+def init_state(lay: Layout, like: Array, *, stderr: bool = True) -> dict[str, Any]:
+    """Zero state (``m``, and ``s`` unless ``stderr=False``, per term; weights ``w``, ``w2``; step
+    count ``t``) on ``like``'s device."""
     xp = array_namespace(like)
     dt, dev = like.dtype, device(like)
     zeros = {}
     for key in lay.keys:
         kind, name = key.split(":", 1)
-        shape = _term_shape(lay, kind, name)
-        zeros[key] = xp.zeros(shape, dtype=dt, device=dev)
+        zeros[key] = xp.zeros(_term_shape(lay, kind, name), dtype=dt, device=dev)
     scalar = xp.zeros((), dtype=dt, device=dev)
-    return {"m": dict(zeros), "s": {k: v for k, v in zeros.items()}, "w": scalar, "w2": scalar,
-            "t": xp.zeros((), dtype=dt, device=dev)}
+    state = {"m": dict(zeros), "w": scalar, "w2": scalar, "t": xp.zeros((), dtype=dt, device=dev)}
+    if stderr:
+        state["s"] = dict(zeros)
+    return state
 
 
 def _term_shape(lay: Layout, kind: str, name: str) -> tuple[int, ...]:
@@ -219,16 +221,30 @@ def _term_shape(lay: Layout, kind: str, name: str) -> tuple[int, ...]:
 
 
 def update_state(lay: Layout, state: dict, grads: Sequence[Array], n: int, decay: float | None) -> dict:
-    """New state after one step's probe gradients ``grads`` (K, *leaf) over ``n`` inputs."""
+    """New state after one step's probe gradients ``grads`` (K, *leaf) over ``n`` inputs.
+
+    m ← β m + (α/n) mean_k q_k and s ← β s + (α/n²) mean_k q_k² for the raw terms q_k (g², g_w g_b,
+    unit outer products), the 1/n folded into the scalars (fewer passes over P entries).
+    """
     beta, alpha = (1.0, 1.0) if decay is None else (float(decay), 1.0 - float(decay))
-    terms = probe_terms(lay, grads, n)
-    xp = array_namespace(*terms.values())
-    m, s = {}, {}
-    for key, q in terms.items():
-        m[key] = beta * state["m"][key] + alpha * xp.mean(q, axis=0)
-        s[key] = beta * state["s"][key] + alpha * xp.mean(q * q, axis=0)
-    return {"m": m, "s": s, "w": beta * state["w"] + alpha, "w2": beta * beta * state["w2"] + alpha * alpha,
-            "t": state["t"] + 1}
+    out = {"m": {}, "w": beta * state["w"] + alpha, "w2": beta * beta * state["w2"] + alpha * alpha,
+           "t": state["t"] + 1}
+    keep_s = "s" in state
+    if keep_s:
+        out["s"] = {}
+    for key, q in _raw_terms(lay, grads).items():
+        xp = array_namespace(q)
+        K = q.shape[0]
+        mean = q[0, ...] if K == 1 else xp.mean(q, axis=0)
+        out["m"][key] = _ema(state["m"][key], mean, beta, alpha / n)
+        if keep_s:
+            q2 = q * q
+            out["s"][key] = _ema(state["s"][key], q2[0, ...] if K == 1 else xp.mean(q2, axis=0), beta, alpha / (n * n))
+    return out
+
+
+def _ema(old, new, beta, scale):
+    return (old if beta == 1.0 else beta * old) + scale * new
 
 
 def state_value(state: dict) -> dict[str, Array]:
@@ -239,6 +255,8 @@ def state_value(state: dict) -> dict[str, Array]:
 
 def state_stderr(state: dict, probes: int) -> dict[str, Array]:
     """The standard error of every term (see the module's notes)."""
+    if "s" not in state:
+        raise ValueError("stderr: this running estimate keeps no second moments (made with stderr=False)")
     w, w2 = state["w"], state["w2"]
     out = {}
     for k, m in state["m"].items():
@@ -267,6 +285,9 @@ class RunningFisher:
         Step t draws its probes from a seed derived from (seed, t).
     backend
         A backend name or object; default: inferred from the parameters.
+    stderr : bool
+        Keep the second moments for :attr:`stderr` (``False`` saves their memory and about half
+        the update's work: what an optimizer needs).
 
     Notes
     -----
@@ -290,7 +311,8 @@ class RunningFisher:
     """
 
     def __init__(self, structure: str = "diag", *, probes: int = 1, decay: float | None = 0.95,
-                 dist: str = "rademacher", likelihood: str = "softmax", seed: int = 0, backend: Any = None):
+                 dist: str = "rademacher", likelihood: str = "softmax", seed: int = 0, backend: Any = None,
+                 stderr: bool = True):
         if structure not in STRUCTURES:
             raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
         if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
@@ -302,7 +324,7 @@ class RunningFisher:
         if likelihood != "softmax":
             raise ValueError(f"likelihood: only 'softmax' (cross-entropy training) is supported, got {likelihood!r}")
         self.structure, self.probes, self.decay, self.dist, self.seed = structure, probes, decay, dist, seed
-        self.backend = backend
+        self.backend, self.keep_stderr = backend, bool(stderr)
         self.layout: Layout | None = None
         self.state: dict | None = None
 
@@ -322,7 +344,8 @@ class RunningFisher:
             logits, vjp = be.linearize(model, params, inputs)
             z = _flat(logits)
             y = _labels(targets, z)
-            value, ct_loss = self._fn(be, "ce", _cross_entropy)(z, y)
+            if not update:
+                value, ct_loss = self._fn(be, "ce", _cross_entropy)(z, y)
         else:
             lin = getattr(be, "loss_linearize", None)
             if lin is None:
@@ -336,7 +359,10 @@ class RunningFisher:
             return value, vjp(xp.reshape(ct_loss, tuple(logits.shape)))
         N, C = z.shape
         xi = be.probes(_step_seed(self.seed, self.steps), (self.probes, N, C), self.dist, like=z)
-        cts = self._fn(be, "stack", _stack)(z, ct_loss, xi)
+        if loss is None:  # loss and probe cotangents from one log-softmax
+            value, cts = self._fn(be, "train", cotangents.cross_entropy_and_hutchinson)(z, y, xi)
+        else:
+            cts = self._fn(be, "stack", _stack)(z, ct_loss, xi)
         pulled = vjp(xp.reshape(cts, (self.probes + 1, *logits.shape)))
         named = be.leaves(pulled)
         grads = be.unflatten(pulled, [g[0, ...] for _, g in named])
@@ -355,7 +381,7 @@ class RunningFisher:
         """Fold one step's probe gradients (K, *leaf) over ``n`` inputs into the estimate."""
         if self.layout is None:
             self.layout = layout(names, [tuple(g.shape[1:]) for g in probe_grads], self.structure)
-            self.state = init_state(self.layout, probe_grads[0])
+            self.state = init_state(self.layout, probe_grads[0], stderr=self.keep_stderr)
         lay, decay = self.layout, self.decay
         fn = update_state if backend is None else self._fn(
             backend, ("update", n), lambda st, gs: update_state(lay, st, gs, n, decay))
@@ -391,7 +417,7 @@ class RunningFisher:
         """The state as a flat ``{name: array}`` dict plus the layout and options (no pickle needed)."""
         self._require()
         flat = {f"m/{k}": v for k, v in self.state["m"].items()}
-        flat.update({f"s/{k}": v for k, v in self.state["s"].items()})
+        flat.update({f"s/{k}": v for k, v in self.state.get("s", {}).items()})
         flat.update({"w": self.state["w"], "w2": self.state["w2"], "t": self.state["t"]})
         return {"arrays": flat, "names": list(self.layout.names), "shapes": [list(s) for s in self.layout.shapes],
                 "structure": self.structure, "probes": self.probes, "decay": self.decay, "seed": self.seed}
@@ -401,8 +427,9 @@ class RunningFisher:
             raise ValueError(f"state: structure {sd['structure']!r} differs from this estimate's {self.structure!r}")
         self.layout = layout(sd["names"], [tuple(s) for s in sd["shapes"]], self.structure)
         a = sd["arrays"]
-        self.state = {"m": {k: a[f"m/{k}"] for k in self.layout.keys}, "s": {k: a[f"s/{k}"] for k in self.layout.keys},
-                      "w": a["w"], "w2": a["w2"], "t": a["t"]}
+        self.state = {"m": {k: a[f"m/{k}"] for k in self.layout.keys}, "w": a["w"], "w2": a["w2"], "t": a["t"]}
+        if all(f"s/{k}" in a for k in self.layout.keys):
+            self.state["s"] = {k: a[f"s/{k}"] for k in self.layout.keys}
 
 
 def _cross_entropy(z, y):

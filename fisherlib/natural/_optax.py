@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from .. import backends as _backends
+from ..core import cotangents
 from ..estimators._running import _cross_entropy, _stack, init_state, layout, state_value, update_state
 from ._precondition import KINDS, UNIT_SOLVES, Curvature, precondition, structure_for
 
@@ -38,15 +39,17 @@ def value_grad_and_probes(model: Callable, params: Any, inputs: Any, targets: An
     be = _backends.get("jax")
     logits, vjp = be.linearize(model, params, inputs)
     z = logits.reshape(-1, logits.shape[-1])
-    if loss is None:
-        value, ct = _cross_entropy(z, jnp.asarray(targets).reshape(-1))
-    else:
-        value, ct = jax.value_and_grad(loss)(logits, targets)
-        ct = ct.reshape(z.shape)
+    y = None if loss is not None else jnp.asarray(targets).reshape(-1)
     if probes == 0:
+        value, ct = _cross_entropy(z, y) if loss is None else jax.value_and_grad(loss)(logits, targets)
         return value, vjp(ct.reshape(logits.shape)), None
     xi = be.probes(seed, (probes, *z.shape), "rademacher", like=z)
-    pulled = vjp(_stack(z, ct, xi).reshape(probes + 1, *logits.shape))
+    if loss is None:  # the loss and probe cotangents from one log-softmax
+        value, cts = cotangents.cross_entropy_and_hutchinson(z, y, xi)
+    else:
+        value, ct = jax.value_and_grad(loss)(logits, targets)
+        cts = _stack(z, ct.reshape(z.shape), xi)
+    pulled = vjp(cts.reshape(probes + 1, *logits.shape))
     return value, jax.tree_util.tree_map(lambda g: g[0], pulled), jax.tree_util.tree_map(lambda g: g[1:], pulled)
 
 
@@ -96,7 +99,8 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
     def init(params):
         leaves = jax.tree_util.tree_leaves(params)
         mom = jax.tree_util.tree_map(jnp.zeros_like, params) if momentum else optax.EmptyState()
-        return NaturalGradientState(jnp.zeros((), jnp.int32), init_state(_layout(params), leaves[0]), mom)
+        fisher = init_state(_layout(params), leaves[0], stderr=False)
+        return NaturalGradientState(jnp.zeros((), jnp.int32), fisher, mom)
 
     def update(updates, state, params=None, *, probe_grads=None, n=None, **extra):
         lay = _layout(updates)

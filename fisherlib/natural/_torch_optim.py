@@ -84,7 +84,7 @@ class NaturalGradient(torch.optim.Optimizer):
                                       weight_decay=weight_decay))
         self.preconditioner, self.unit_solve, self.pinv, self.refresh = preconditioner, unit_solve, pinv, refresh
         self.fisher = RunningFisher(structure_for(preconditioner, unit_solve), probes=probes, decay=decay,
-                                    seed=seed, backend="torch")
+                                    seed=seed, backend="torch", stderr=False)
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"kl_clip: expected a positive number or None, got {kl_clip!r}")
         self.kl_clip = kl_clip

@@ -188,3 +188,36 @@ def test_jax_flax_style_kernels_pair_with_their_bias():
     v2, g2 = rf2.step(f, params, x, y, loss=lambda z, t: optax.softmax_cross_entropy_with_integer_labels(z, t).mean())
     np.testing.assert_allclose(float(v2), float(value), rtol=1e-12)
     np.testing.assert_allclose(rf2.value["cross:w1"], rf.value["cross:w1"], rtol=1e-10)
+
+
+def test_fused_training_cotangents_equal_the_separate_ones(xp):
+    """cross_entropy_and_hutchinson = [label-residual loss cotangent; hutchinson] from one softmax."""
+    from fisherlib.core import cotangents
+    from tests._backends import to_numpy, to_xp
+
+    rng = np.random.default_rng(0)
+    z = to_xp(rng.normal(size=(5, 4)) * 3, xp)
+    y = to_xp(rng.integers(0, 4, 5), xp)
+    xi = to_xp(rng.choice([-1.0, 1.0], size=(2, 5, 4)), xp)
+    loss, cts = cotangents.cross_entropy_and_hutchinson(z, y, xi)
+    zn = to_numpy(z)
+    lp = zn - zn.max(1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+    np.testing.assert_allclose(float(to_numpy(loss)), -lp[np.arange(5), to_numpy(y)].mean(), rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(cts[0, ...]), -to_numpy(cotangents.label_residual(z, y)) / 5, atol=1e-15)
+    np.testing.assert_allclose(to_numpy(cts[1:, ...]), to_numpy(cotangents.hutchinson(z, xi)), atol=1e-15)
+
+
+def test_without_stderr_the_estimate_is_the_same():
+    model, params, x, y = _setup()
+    a, b = RunningFisher("quasidiag", probes=3, seed=1), RunningFisher("quasidiag", probes=3, seed=1, stderr=False)
+    for _ in range(2):
+        a.step(model, params, x, y)
+        b.step(model, params, x, y)
+    for k in a.value:
+        np.testing.assert_allclose(a.value[k], b.value[k], rtol=1e-14)
+    with pytest.raises(ValueError, match="stderr=False"):
+        b.stderr
+    c = RunningFisher("quasidiag", probes=3, seed=1, stderr=False)
+    c.load_state_dict(b.state_dict())
+    np.testing.assert_array_equal(c.value["cross:0.weight"], b.value["cross:0.weight"])
