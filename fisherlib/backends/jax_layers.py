@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -52,7 +53,7 @@ import numpy as np
 from ..core.layers import Layer
 from ._jaxpr import VIEWS, Lit, Program, arange_like, view_index
 
-__all__ = ["LayerCapture", "RECOGNISED", "capture"]
+__all__ = ["LayerCapture", "MixedInputsWarning", "RECOGNISED", "capture"]
 
 RECOGNISED = {
     "dense": "dot_general, conv_general_dilated (+ bias add)",
@@ -455,24 +456,61 @@ def capture(backend, model: Callable, params: Any, inputs: Any):
         compiled = None
         if plan is not None and plan[1]:
             compiled = _compile(plan[0], plan[1], backend.jit)
-        hit = cache[key] = (model, plan, compiled)
+        hit = cache[key] = [model, plan, compiled, None]
         if len(cache) > backend._CACHE_SIZE:
             cache.popitem(last=False)
     else:
         cache.move_to_end(key)
-    _, plan, compiled = hit
+    _, plan, compiled, separate = hit
     if compiled is None:  # nothing recognised: every leaf takes the generic per-example VJP
         logits, _ = backend.linearize(model, params, inputs)
-        return logits, LayerCapture([], [], None, None, names, names, 0, backend.batch_probes)
+        return logits, LayerCapture([], names, None, None, 0, backend.batch_probes)
     prog, specs, uncovered, arrays = plan
     fwd, pull, pull_one = compiled
     logits, xs, pullback = fwd(leaves, [flat[k] for k in arrays])
+    if separate is None:  # once per model and shape
+        separate = hit[3] = _separate(pull, pullback, logits)
+        if not separate:
+            warnings.warn(
+                f"model: {getattr(model, '__name__', type(model).__name__)} mixes the inputs of a batch "
+                "(batch statistics, or attention across the batch): a cotangent at one input reaches other "
+                "inputs' rows of a layer output, so the layer rules do not apply; per-example methods take "
+                "the generic per-example VJP, which runs each input as a batch of one", MixedInputsWarning,
+                stacklevel=4)
+    if not separate:
+        return logits, LayerCapture([], names, None, None, 0, backend.batch_probes)
     shapes = [tuple(np.shape(a)) for a in leaves]
+    calls = [(s, x, {r: names[i] for r, i in s.roles.items()}, {r: shapes[i] for r, i in s.roles.items()}, k)
+             for k, (s, x) in enumerate(zip(specs, xs))]
     elements = sum(math.prod(prog.shapes[s.out]) for s in specs)
-    layers = [(s, x, {r: names[i] for r, i in s.roles.items()}, {r: shapes[i] for r, i in s.roles.items()})
-              for s, x in zip(specs, xs)]
-    return logits, LayerCapture(layers, [names[i] for i in uncovered], pullback, (pull, pull_one), names,
-                                None, elements, backend.batch_probes)
+    return logits, LayerCapture(calls, [names[i] for i in uncovered], pullback, (pull, pull_one), elements,
+                                backend.batch_probes)
+
+
+class MixedInputsWarning(UserWarning):
+    """The model mixes the inputs of a batch, so per-example products take the generic path."""
+
+    __module__ = "fisherlib.backends"
+
+
+def _separate(pull, pullback, logits) -> bool:
+    """Does a cotangent at input 0 (at input N - 1) reach only row 0 (N - 1) of every layer output?
+
+    Where it reaches other rows the model mixes inputs after that layer, and g_n x_n is not the
+    per-example product. Checked once per model and shape, with random cotangents.
+    """
+    N = logits.shape[0]
+    if N == 1:
+        return True
+    rng = np.random.default_rng(0)
+    ct = np.zeros((2, *logits.shape))
+    ct[0, 0] = rng.standard_normal(logits.shape[1:])
+    ct[1, N - 1] = rng.standard_normal(logits.shape[1:])
+    for g in pull(pullback, jnp.asarray(ct, logits.dtype)):
+        g = np.asarray(g)
+        if not (np.all(g[0, 1:] == 0) and np.all(g[1, :-1] == 0)):
+            return False
+    return True
 
 
 def _same(a, b) -> bool:
@@ -493,10 +531,9 @@ class LayerCapture:
         Cotangent entries per logit column, summed over the layer outputs.
     """
 
-    def __init__(self, layers, uncovered, pullback, pulls, names, all_uncovered, elements, batch_probes):
-        self.calls = layers
-        self.uncovered = list(all_uncovered) if all_uncovered is not None else uncovered
-        self.names = names
+    def __init__(self, calls, uncovered, pullback, pulls, elements, batch_probes):
+        self.calls = calls
+        self.uncovered = uncovered
         self.elements = elements
         self._pullback, self._pulls, self._batch = pullback, pulls, batch_probes
 
@@ -510,5 +547,5 @@ class LayerCapture:
         else:
             rows = [pull_one(self._pullback, ct[k]) for k in range(ct.shape[0])]
             gs = [jnp.concatenate(r, axis=0) for r in zip(*rows)]
-        return [Layer(s.kind, leaves, shapes, x, g, layout=s.layout, num=s.num)
-                for (s, x, leaves, shapes), g in zip(self.calls, gs)]
+        return [Layer(s.kind, leaves, shapes, x, gs[k], layout=s.layout, num=s.num)
+                for s, x, leaves, shapes, k in self.calls]

@@ -261,3 +261,17 @@ def test_equinox_models():
     ep, es = eqx.partition(emb, _abstract)
     g = lambda p, x: jax.vmap(eqx.combine(p, es))(x)  # noqa: E731
     assert _check(g, _fill(ep), jnp.asarray([0, 3, 3, 5, 1]))[0] == {"weight": ("embedding", "weight")}
+
+
+def test_inputs_mixed_by_batch_statistics_take_the_generic_path():
+    def f(p, x):  # batch normalisation with the batch's own statistics, after a dense layer
+        h = x @ p["w1"]
+        h = (h - h.mean(axis=0)) / jnp.sqrt(h.var(axis=0) + 1e-3)
+        return jnp.tanh(h) @ p["w2"]
+
+    p = _fill({"w1": jnp.ones((4, 6)), "w2": jnp.ones((6, C))})
+    x = _normal(7, N, 4)
+    with pytest.warns(UserWarning, match="mixes the inputs"):
+        logits, cap = get("jax").layer_io(f, p, x)
+    assert not cap.calls and set(cap.uncovered) == {"w1", "w2"}
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(f(p, x)), rtol=1e-12)
