@@ -8,6 +8,9 @@ On the models of ``benchmarks/estimators.py`` (MLP 784-512-512-10 with 128 input
 - **step + 1 probe**: ``RunningFisher("diag", probes=1).step`` — the same forward, the loss
   cotangent and one Hutchinson cotangent pulled back in one batched backward, and the EMA
   update of the diagonal (aim ≤ 1.7×);
+- **(looped)**: the same with ``backends.get("torch", batch_probes=False)``: the two rows
+  pulled back by two ``autograd.grad`` calls on the same graph instead of one
+  ``is_grads_batched`` call;
 - **standalone probe**: ``fisherlib.fisher(model, params, x, probes=1)`` — its own forward and
   one VJP (aim ≤ 1.05×);
 - **adapter only**: ``linearize`` + one ``vjp`` of a fixed cotangent — what the standalone probe
@@ -41,12 +44,14 @@ def rows(quick: bool, repeats: int) -> list[dict]:
     w = s["sweep"]
     settings += [(f"sweep C={c}", "sweep", c, w["n"]) for c in w["classes"]]
     be = backends.get("torch")
+    looped = backends.get("torch", batch_probes=False)  # pulls the K + 1 rows back one by one
     out = []
     for label, kind, classes, n in settings:
         model, x, y = build(kind, classes, n, s)
         params = [p for p in model.parameters() if p.requires_grad]
         pdict = detached(model)
         rf = RunningFisher("diag", probes=1, decay=0.95)
+        rf2 = RunningFisher("diag", probes=1, decay=0.95, backend=looped)
 
         def train():
             loss = F.cross_entropy(model(x), y)
@@ -54,6 +59,9 @@ def rows(quick: bool, repeats: int) -> list[dict]:
 
         def probe_step():
             rf.step(model, None, x, y)
+
+        def probe_step_looped():
+            rf2.step(model, None, x, y)
 
         def standalone():
             fisherlib.fisher(model, pdict, x, probes=1)
@@ -64,19 +72,19 @@ def rows(quick: bool, repeats: int) -> list[dict]:
             z, vjp = be.linearize(model, pdict, x)
             vjp(ct)
 
-        t = median_times({"train": train, "probe_step": probe_step, "standalone": standalone,
-                          "adapter": adapter}, repeats, warmup=2)
+        t = median_times({"train": train, "probe_step": probe_step, "looped": probe_step_looped,
+                          "standalone": standalone, "adapter": adapter}, repeats, warmup=2)
         out.append({"setting": label, **{k: v for k, v in t.items()}})
         print(f"  {label}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()), file=sys.stderr)
     return out
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| setting | train step (ms) | step + 1 probe | standalone probe | adapter only |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| setting | train step (ms) | step + 1 probe (batched) | (looped) | standalone probe | "
+             "adapter only |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["train"]
-        lines.append(f"| {r['setting']} | {t * 1e3:.2f} | {r['probe_step'] / t:.2f}× | "
+        lines.append(f"| {r['setting']} | {t * 1e3:.2f} | {r['probe_step'] / t:.2f}× | {r['looped'] / t:.2f}× | "
                      f"{r['standalone'] / t:.2f}× | {r['adapter'] / t:.2f}× |")
     return "\n".join(lines)
 

@@ -214,7 +214,10 @@ def fisher(
                 names=names, summed=method in DETERMINISTIC, chunk_size=opts["chunk_size"])
         else:
             grads = [g for _, g in be.leaves(vjp(cts[0]))]
-            contrib = _products.accumulate([g[:, None, ...] for g in grads], structure, plan, sum_probes=False)
+            if structure == "diag":  # one term per probe: squares, without summing a size-1 axis
+                contrib = [g * g for g in (_products.widen(g, array_namespace(g)) for g in grads)]
+            else:
+                contrib = _products.accumulate([g[:, None, ...] for g in grads], structure, plan, sum_probes=False)
         parts = contrib if parts is None else [a + c for a, c in zip(parts, contrib)]
         n_inputs += n
         n_outputs += _outputs.count(m, shape)
