@@ -106,7 +106,12 @@ def _plan(model: Callable, leaves: list, treedef, inputs: Any):
     prog, prog2 = Program(closed), Program(closed2)
     if prog.signature() != prog2.signature():
         return None
-    specs, uncovered = Analysis(prog, prog2, len(leaves), N, N2).specs()
+    try:
+        specs, uncovered = Analysis(prog, prog2, len(leaves), N, N2).specs()
+    except Exception as err:  # noqa: BLE001 -- a jaxpr the rules did not foresee must not stop the estimate
+        warnings.warn(f"model: the JAX layer rules failed on this model ({type(err).__name__}: {err}); "
+                      "per-example methods take the generic per-example VJP", stacklevel=4)
+        return None
     return prog, specs, uncovered, arrays
 
 

@@ -275,3 +275,14 @@ def test_inputs_mixed_by_batch_statistics_take_the_generic_path():
         logits, cap = get("jax").layer_io(f, p, x)
     assert not cap.calls and set(cap.uncovered) == {"w1", "w2"}
     np.testing.assert_allclose(np.asarray(logits), np.asarray(f(p, x)), rtol=1e-12)
+
+
+def test_attention_projections_under_the_callers_jit():
+    def attn(p, x):  # self-attention over the positions of each input
+        q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
+        a = jax.nn.softmax(jnp.einsum("ntd,nsd->nts", q, k) / 2.0, axis=-1)
+        return jnp.einsum("nts,nsd->ntd", a, v).mean(axis=1) @ p["wo"]
+
+    p = _fill({"wq": jnp.ones((4, 4)), "wk": jnp.ones((4, 4)), "wv": jnp.ones((4, 4)), "wo": jnp.ones((4, C))})
+    owned, uncovered = _check(jax.jit(attn), p, _normal(8, N, 3, 4))  # one jit equation, inlined
+    assert owned == {n: ("dense", "weight") for n in p} and not uncovered
