@@ -108,8 +108,8 @@ class Classifier(torch.nn.Module):
         keep = ids != self.pad_id
         dtype = self.head.weight.dtype
         bias = (~keep).to(dtype)[:, None, None, :] * torch.finfo(dtype).min
-        # Positions given per input: the default (1, T) buffer is shared by the batch, and a
-        # layer-wise per-example path would take its gradient for one input's.
+        # Positions given per input (an expanded view, no copy): every layer then sees the batch
+        # on its leading axis, on the generic and the layer-wise per-example paths alike.
         pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         h = self.encoder(input_ids=ids, attention_mask=bias, position_ids=pos).last_hidden_state
         w = keep.to(h.dtype)[..., None]
