@@ -79,6 +79,9 @@ def run(backend: str | None = None, out: str | Path = "fisherlib-report", *, pro
     from . import spectrum_panel  # the parameter-space spectrum (fisherlib.spectral): λ_max, m₁, m₂
 
     spectrum_panel.add(net, split.x_test, result, paths, quick=quick, seed=seed, progress=progress, echo=echo)
+    from . import training_panel  # SGD, Adam and the natural gradient (fisherlib.natural): loss curves
+
+    training_panel.add(name, SIZES, split.x_train, split.y_train, paths, quick=quick, seed=seed, echo=echo)
     echo(f"\nreport: {paths['report']} ({len(report.FIGURES)} figures beside it)")
     return json_summary(paths["json"])
 

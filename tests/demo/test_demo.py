@@ -113,6 +113,13 @@ def test_report_files(reports, backend):
     assert sp["lambda_max_lower"] <= sp["lambda_max"] * (1 + 1e-3) <= sp["lambda_max_upper"] * (1 + 2e-3)
     assert abs(sp["m1"] - sp["m1_exact"]) < 4 * sp["m1_stderr"] and sp["lr_max"] > 0
     assert (out / sp["figure"]).read_bytes()[:8] == PNG_MAGIC and f"]({sp['figure']})" in md
+    # The training panel (fisherlib.natural): three optimizers from the same weights, all learning,
+    # with their curves in the report (tests/natural test the steps against dense solves).
+    tr = s["training"]
+    assert set(tr["runs"]) == {"SGD", "Adam", "natural gradient (Ollivier, fisherlib)"}
+    for r in tr["runs"].values():
+        assert len(r["losses"]) == tr["epochs"] * tr["steps_per_epoch"] and r["last_epoch_loss"] < r["losses"][0]
+    assert (out / tr["figure"]).read_bytes()[:8] == PNG_MAGIC and f"]({tr['figure']})" in md
 
 
 @pytest.mark.slow
