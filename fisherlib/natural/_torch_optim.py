@@ -131,7 +131,7 @@ class NaturalGradient(torch.optim.Optimizer):
                 raise RuntimeError(f"step: parameter {name!r} has no gradient; call backward() first")
             grads[name] = p.grad + group["weight_decay"] * p if group["weight_decay"] else p.grad
         direction = precondition(grads, self.curvature, self.preconditioner, self.damping,
-                                 unit_solve=self.unit_solve, pinv=self.pinv, backend="torch")
+                                 unit_solve=self.unit_solve, pinv=self.pinv, backend=self.fisher.backend)
         lr = group["lr"]
         g_dot_d = float(sum(torch.sum(grads[n] * direction[n]) for n in self.names)) \
             if (self.lm is not None or self.kl_clip is not None) else 0.0
