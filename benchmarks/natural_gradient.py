@@ -8,7 +8,8 @@ Methods (torch, batch 64, the same batches for every method of a seed):
 - **fisherlib diag / quasidiag / ollivier / unitwise**: ``fisherlib.natural.NaturalGradient``
   with one Hutchinson probe per step from the training step's own backward (true Fisher);
 - **K-FAC (nngeometry)**: ``PMatKFAC`` of the current batch (closed-form expectation over the C
-  classes) every 10 steps, ``solvePVec`` with damping every step. kfac-jax is not run: it is
+  classes) every 10 steps, its damped Kronecker solve every step (nngeometry's formula, with a
+  float64 ``solve`` in place of its ``lstsq``, which fails inside MKL here). kfac-jax is not run: it is
   broken on the installed JAX (see ``docs/peers.md``).
 
 Each method's learning rate (and damping) is picked on seed 0 from a small grid by the final
@@ -87,7 +88,33 @@ class EFDiag:
 
 
 class KFAC:
-    """nngeometry's K-FAC: factors from the current batch every ``refresh`` steps, damped solve."""
+    """nngeometry's K-FAC: factors from the current batch every ``refresh`` steps, damped solve.
+
+    The solve is nngeometry's ``PMatKFAC.solvePVec`` (π-split damping (A + √λ π I) ⊗ (G + √λ/π I))
+    with ``torch.linalg.solve`` in float64 instead of its ``lstsq``, which failed inside MKL
+    (SGELSY "parameter 4") on these runs, and π = 1 where a factor's trace is 0.
+    """
+
+    def _solve(self, vs, PVector):
+        import torch
+
+        vs_dict, out = vs.to_dict(), {}
+        for layer_id, layer in self.F.generator.layer_collection.layers.items():
+            vw = vs_dict[layer_id][0]
+            v = vw.reshape(vw.shape[0], -1)
+            if layer.bias is not None:
+                v = torch.cat([v, vs_dict[layer_id][1].unsqueeze(1)], dim=1)
+            a, g = (t.double() for t in self.F.data[layer_id])
+            ta, tg = torch.trace(a), torch.trace(g)
+            pi = float((ta / tg * g.shape[0] / a.shape[0]) ** 0.5) if ta > 0 and tg > 0 else 1.0
+            r = self.damping ** 0.5
+            a_reg = a + r * pi * torch.eye(a.shape[0], dtype=a.dtype)
+            g_reg = g + r / pi * torch.eye(g.shape[0], dtype=g.dtype)
+            sol = torch.linalg.solve(a_reg, torch.linalg.solve(g_reg, v.double()).t()).t().to(vw.dtype)
+            sol = sol.contiguous()
+            out[layer_id] = ((sol.reshape(vw.shape),) if layer.bias is None
+                             else (sol[:, :-1].contiguous().reshape(vw.shape), sol[:, -1].contiguous()))
+        return PVector(layer_collection=vs.layer_collection, dict_repr=out)
 
     def __init__(self, net, lr, damping, refresh=10):
         self.net, self.lr, self.damping, self.refresh, self.t, self.F = net, lr, damping, refresh, 0, None
@@ -101,7 +128,7 @@ class KFAC:
             loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
             self.F = FIM(self.net, loader, PMatKFAC, variant="classif_logits")
         self.t += 1
-        d = self.F.solvePVec(PVector.from_model_grad(self.net), regul=self.damping).to_torch()
+        d = self._solve(PVector.from_model_grad(self.net), PVector).to_torch()
         g = torch.cat([p.grad.reshape(-1) for p in self.net.parameters()])
         gd = float(g @ d)
         lr = self.lr * min(1.0, math.sqrt(1e-2 / max(self.lr ** 2 * gd, 1e-30)))
@@ -212,7 +239,7 @@ def main(argv=None) -> None:
         results = {}
         for method in methods:
             try:
-                best = min(GRIDS[method], key=lambda s: _final(run(method, kind, s, 0, tune_steps, tune_steps, split)))
+                best = min(GRIDS[method], key=lambda s: _tune(method, kind, s, tune_steps, split))
                 runs = [run(method, kind, best, seed, steps, eval_every, split) for seed in seeds]
             except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
                 print(f"  {kind} {method}: failed ({type(e).__name__}: {e})", file=sys.stderr)
@@ -225,6 +252,14 @@ def main(argv=None) -> None:
         print(table(results, target_loss, target_acc))
         print()
     plot(curves, target_loss, args.quick)
+
+
+def _tune(method, kind, setting, steps, split):
+    """Final training loss of seed 0 with ``setting``; inf when it diverges or fails."""
+    try:
+        return _final(run(method, kind, setting, 0, steps, steps, split))
+    except Exception:  # noqa: BLE001 - a diverged run (NaN in a solver) loses the tuning
+        return float("inf")
 
 
 def _final(r):

@@ -166,6 +166,7 @@ def test_torch_framework_loss_and_core_loss_agree_with_a_training_step():
         torch.testing.assert_close(a.value[k], b.value[k])
 
 
+@pytest.mark.slow
 def test_jax_flax_style_kernels_pair_with_their_bias():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
