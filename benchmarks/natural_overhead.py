@@ -11,6 +11,8 @@ On the models of ``benchmarks/estimators.py`` (MLP 784-512-512-10 with 128 input
 - **(looped)**: the same with ``backends.get("torch", batch_probes=False)``: the two rows
   pulled back by two ``autograd.grad`` calls on the same graph instead of one
   ``is_grads_batched`` call;
+- **(no stderr)**: batched, keeping no second moments (``stderr=False``, what the optimizers
+  use);
 - **standalone probe**: ``fisherlib.fisher(model, params, x, probes=1)`` — its own forward and
   one VJP (aim ≤ 1.05×);
 - **adapter only**: ``linearize`` + one ``vjp`` of a fixed cotangent — what the standalone probe
@@ -52,6 +54,7 @@ def rows(quick: bool, repeats: int) -> list[dict]:
         pdict = detached(model)
         rf = RunningFisher("diag", probes=1, decay=0.95)
         rf2 = RunningFisher("diag", probes=1, decay=0.95, backend=looped)
+        rf3 = RunningFisher("diag", probes=1, decay=0.95, stderr=False)
 
         def train():
             loss = F.cross_entropy(model(x), y)
@@ -63,6 +66,9 @@ def rows(quick: bool, repeats: int) -> list[dict]:
         def probe_step_looped():
             rf2.step(model, None, x, y)
 
+        def probe_step_lean():
+            rf3.step(model, None, x, y)
+
         def standalone():
             fisherlib.fisher(model, pdict, x, probes=1)
 
@@ -73,6 +79,7 @@ def rows(quick: bool, repeats: int) -> list[dict]:
             vjp(ct)
 
         t = median_times({"train": train, "probe_step": probe_step, "looped": probe_step_looped,
+                          "lean": probe_step_lean,
                           "standalone": standalone, "adapter": adapter}, repeats, warmup=2)
         out.append({"setting": label, **{k: v for k, v in t.items()}})
         print(f"  {label}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()), file=sys.stderr)
@@ -80,11 +87,11 @@ def rows(quick: bool, repeats: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| setting | train step (ms) | step + 1 probe (batched) | (looped) | standalone probe | "
-             "adapter only |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | train step (ms) | step + 1 probe (batched) | (looped) | (no stderr) | standalone probe | "
+             "adapter only |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["train"]
-        lines.append(f"| {r['setting']} | {t * 1e3:.2f} | {r['probe_step'] / t:.2f}× | {r['looped'] / t:.2f}× | "
+        lines.append(f"| {r['setting']} | {t * 1e3:.2f} | {r['probe_step'] / t:.2f}× | {r['looped'] / t:.2f}× | {r['lean'] / t:.2f}× | "
                      f"{r['standalone'] / t:.2f}× | {r['adapter'] / t:.2f}× |")
     return "\n".join(lines)
 
