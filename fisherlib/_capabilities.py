@@ -365,29 +365,32 @@ def render_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-_BLOCK = re.compile(re.escape(START) + r"\n(.*?)" + re.escape(END), re.S)
+def _block(start: str, end: str) -> re.Pattern:
+    return re.compile(re.escape(start) + r"\n(.*?)" + re.escape(end), re.S)
+
+
+_BLOCK = _block(START, END)
+LAYERS_START = "<!-- layers:start -->"
+LAYERS_END = "<!-- layers:end -->"
+LAYERS_PAGE = "docs/per-example.md"
+_LAYERS_BLOCK = _block(LAYERS_START, LAYERS_END)
+
+
+def _between(text: str, block: re.Pattern, start: str, end: str) -> str:
+    m = block.search(text)
+    if m is None:
+        raise ValueError(f"text: no {start} ... {end} block")
+    return m.group(1)
 
 
 def docs_table(text: str) -> str:
     """The text between the markers of a page (ValueError without them)."""
-    m = _BLOCK.search(text)
-    if m is None:
-        raise ValueError(f"text: no {START} ... {END} block")
-    return m.group(1)
-
-
-LAYERS_START = "<!-- layers:start -->"
-LAYERS_END = "<!-- layers:end -->"
-LAYERS_PAGE = "docs/per-example.md"
-_LAYERS_BLOCK = re.compile(re.escape(LAYERS_START) + r"\n(.*?)" + re.escape(LAYERS_END), re.S)
+    return _between(text, _BLOCK, START, END)
 
 
 def layers_table(text: str) -> str:
     """The text between the supported-layers markers of a page (ValueError without them)."""
-    m = _LAYERS_BLOCK.search(text)
-    if m is None:
-        raise ValueError(f"text: no {LAYERS_START} ... {LAYERS_END} block")
-    return m.group(1)
+    return _between(text, _LAYERS_BLOCK, LAYERS_START, LAYERS_END)
 
 
 def update_docs(path: str | Path = "docs/backends.md") -> bool:
