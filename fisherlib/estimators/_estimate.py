@@ -18,7 +18,7 @@ Array = Any
 __all__ = ["FisherEstimate"]
 
 _META = ("method", "structure", "likelihood", "bound", "rank", "reduction", "n_inputs", "n_probes",
-         "per_example", "dist", "stderr_kind", "seed", "n_outputs")
+         "per_example", "dist", "stderr_kind", "seed", "n_outputs", "moments")
 
 
 @dataclass
@@ -27,7 +27,11 @@ class FisherEstimate:
 
     The state is a list of named per-probe partial sums ``parts`` (each of shape (K, ...), one
     slice per probe), so that two estimates over disjoint data merge by addition and the spread
-    over probes gives the standard error.
+    over probes gives the standard error. With ``moments=True`` (``fisher(keep_probes=False)``,
+    the default when K per-probe sums would be large) each part is (2, ...) instead: the sum
+    over batches of the batch's probe mean, and of its estimated variance s_b²/K (the probes
+    are independent across batches, so these add up to an unbiased variance of the total);
+    2·P numbers instead of K·P, merged by addition as well.
 
     Attributes
     ----------
@@ -77,6 +81,7 @@ class FisherEstimate:
     _tree: Callable | None = field(default=None, repr=False, compare=False)
     draws: tuple = ()
     n_outputs: int | None = None
+    moments: bool = False
 
     def __post_init__(self):
         if not self.draws and self.seed is not None and self.stderr_kind != "exact":
@@ -99,15 +104,19 @@ class FisherEstimate:
 
     def _mean(self, x):
         xp = array_namespace(x)
+        if self.moments:
+            return x[0, ...] * self._scale()
         return xp.mean(x, axis=0) * self._scale() if self.structure != "sketch" else x
 
     def _stderr(self, x):
         xp = array_namespace(x)
         K = x.shape[0]
         if self.stderr_kind == "probes":
+            if self.moments:
+                return xp.sqrt(xp.clip(x[1, ...], min=0.0)) * self._scale()
             return xp.std(x, axis=0, correction=1) / math.sqrt(K) * self._scale()
         if self.stderr_kind == "bound":
-            return _bound_stderr(xp.mean(x, axis=0), blocks=self.structure == "blocks", xp=xp) * self._scale()
+            return _bound_stderr(self._mean(x), blocks=self.structure == "blocks", xp=xp)
         fill = 0.0 if self.stderr_kind == "exact" else math.nan
         return xp.full(x.shape[1:], fill, dtype=x.dtype, device=device(x))
 
@@ -130,6 +139,9 @@ class FisherEstimate:
         """
         if self.stderr_kind == "exact":
             raise ValueError(f"k: a {self.method!r} estimate has no probes to take")
+        if self.moments:
+            raise ValueError("k: this estimate kept running moments, not its probes one by one; "
+                             "run fisher(..., keep_probes=True) to take the first k")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_probes:
             raise ValueError(f"k: expected an integer in 1..{self.n_probes}, got {k!r}")
         return replace(self, parts=[x[:k, ...] for x in self.parts], n_probes=k,
@@ -141,7 +153,7 @@ class FisherEstimate:
         if not isinstance(other, FisherEstimate):
             raise TypeError(f"other: expected a FisherEstimate, got {type(other).__name__}")
         for key in ("method", "structure", "likelihood", "bound", "rank", "reduction", "n_probes",
-                    "per_example", "dist", "names"):
+                    "per_example", "dist", "names", "moments"):
             if getattr(self, key) != getattr(other, key):
                 raise ValueError(
                     f"other: cannot merge estimates with different {key} "
@@ -270,3 +282,12 @@ def _like(x, ref):
         return x
     xp = array_namespace(ref)
     return xp.asarray(_to_numpy(x), device=device(ref))
+
+
+def probe_moments(contrib: Array) -> Array:
+    """A batch's per-probe contributions (K, ...) as (2, ...): their mean and its variance s²/K."""
+    xp = array_namespace(contrib)
+    K = contrib.shape[0]
+    mean = xp.mean(contrib, axis=0)
+    var = xp.var(contrib, axis=0, correction=1) / K if K >= 2 else xp.zeros_like(mean)
+    return xp.stack([mean, var])

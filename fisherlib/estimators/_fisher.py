@@ -15,7 +15,7 @@ from ..core import cotangents
 from ..core._compat import array_namespace, as_floating, device, is_eager, logits_problem
 from . import _blocks, _outputs, _products
 from ._batches import batches as _batches
-from ._estimate import DETERMINISTIC, FisherEstimate, stderr_kind
+from ._estimate import DETERMINISTIC, FisherEstimate, probe_moments, stderr_kind
 
 Array = Any
 
@@ -49,6 +49,7 @@ def fisher(
     backend: Any = None,
     progress: bool = False,
     chunk_size: int | None = None,
+    keep_probes: bool | None = None,
     labels: str | None = "labels",
     logits: Callable[[Any], Array] | None = None,
     mask: str | Callable[[Any], Array] | None = "attention_mask",
@@ -112,6 +113,11 @@ def fisher(
         Show a tqdm progress bar with inputs per second.
     chunk_size : int, optional
         Inputs per per-example VJP call (default: what fits 2^24 gradient entries).
+    keep_probes : bool, optional
+        Keep the K per-probe partial sums (K × P numbers: :meth:`FisherEstimate.first_probes`
+        needs them), or only running moments (2 × P: the sum of each batch's probe mean and of
+        its variance s²/K, which give the same value and an unbiased standard error). Default:
+        keep them while K × P stays under 2^26 entries. A sketch always keeps them.
     labels : str or None
         The key of the labels in dict batches, taken out before the model is called.
     logits : callable, optional
@@ -180,6 +186,7 @@ def fisher(
     done: list[int | None] = []  # global index of every batch run
     be = None
     parts: list[Array] | None = None
+    moments = None
     n_inputs = 0
     n_outputs = 0
     bar = _Progress(_batches(batches, labels), progress)
@@ -218,6 +225,10 @@ def fisher(
                 contrib = [g * g for g in (_products.widen(g, array_namespace(g)) for g in grads)]
             else:
                 contrib = _products.accumulate([g[:, None, ...] for g in grads], structure, plan, sum_probes=False)
+        if moments is None:  # decided once the size of the per-probe sums is known
+            moments = _moments(keep_probes, structure, method, probes, contrib)
+        if moments:
+            contrib = [probe_moments(c) for c in contrib]
         parts = contrib if parts is None else [a + c for a, c in zip(parts, contrib)]
         n_inputs += n
         n_outputs += _outputs.count(m, shape)
@@ -237,11 +248,28 @@ def fisher(
         n_probes=K, per_example=opts["per_example"], dist=dist if method == "hutchinson" else "none",
         stderr_kind=kind, seed=seed if not deterministic else None,
         block_shapes=_blocks.shapes_of(plan) if plan else {}, _tree=tree, n_outputs=n_outputs,
-        draws=_record(done, None if deterministic else seed),
+        draws=_record(done, None if deterministic else seed), moments=bool(moments),
     )
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+# Per-probe partial sums kept by default up to this many entries (K × P); beyond, running moments.
+_KEEP_PROBES = 1 << 26
+
+
+def _moments(keep_probes, structure, method, probes, contrib) -> bool:
+    """Whether the estimate keeps running moments instead of its K per-probe partial sums."""
+    if keep_probes is not None and not isinstance(keep_probes, bool):
+        raise TypeError(f"keep_probes: expected True, False or None, got {keep_probes!r}")
+    if method in DETERMINISTIC or probes < 2 or structure == "sketch":
+        if keep_probes is False and structure == "sketch":
+            raise ValueError("keep_probes: a sketch is its K probe gradients; it cannot keep moments only")
+        return False
+    if keep_probes is not None:
+        return not keep_probes
+    return sum(math.prod(c.shape) for c in contrib) > _KEEP_PROBES
 
 
 def _with_output(be, logits):
