@@ -26,6 +26,7 @@ class Block:
     leaves: tuple[int, ...]
     units: int
     size: int
+    axis: int = 0  # the unit axis of the first leaf: 0 (torch's (out, in)) or -1 (flax's (in, out))
 
 
 def plan(names: list[str], shapes: list[tuple[int, ...]], blocks) -> list[Block]:
@@ -84,37 +85,25 @@ def _leaf_block(i: int, name: str, shape: tuple[int, ...]) -> Block:
 
 
 def _unitwise(names, shapes):
+    from ._units import units  # the one rule that splits weights into units and finds their bias
+
     out, taken = [], set()
-    for i, (n, s) in enumerate(zip(names, shapes)):
-        if i in taken or len(s) < 2:
-            continue
-        bias = _find_bias(i, names, shapes, taken)
-        ids = (i,) if bias is None else (i, bias)
+    for u in units(names, shapes):
+        ids = (u.weight,) if u.bias is None else (u.weight, u.bias)
         taken.update(ids)
-        out.append(Block(n, ids, s[0], math.prod(s[1:]) + (bias is not None)))
+        out.append(Block(u.name, ids, u.units, u.size, u.axis))
     out += [Block(n, (i,), 1, math.prod(shapes[i])) for i, n in enumerate(names) if i not in taken]
     return out
-
-
-def _find_bias(i, names, shapes, taken):
-    out = shapes[i][0]
-    candidates = [j for j, s in enumerate(shapes) if j not in taken and j != i and s == (out,)]
-    named = [j for j in candidates if names[j] == names[i].replace("weight", "bias")]
-    if named:
-        return named[0]
-    # The next leaf of the same layer only: a convolution without bias is followed by a
-    # batch norm's weight, which is not its bias.
-    layer = names[i].rpartition(".")[0]
-    following = [j for j in candidates if j == i + 1 and names[j].rpartition(".")[0] == layer]
-    return following[0] if following else None
 
 
 def vectors(block: Block, grads: Sequence[Array], *, xp) -> Array:
     """Block vectors (K, M, units, size) from leaf gradients (K, M, *leaf.shape)."""
     parts = []
-    for i in block.leaves:
+    for n, i in enumerate(block.leaves):
         g = grads[i]
         K, M = g.shape[0], g.shape[1]
+        if n == 0 and block.axis != 0:  # a flax kernel's units are its last axis
+            g = xp.moveaxis(g, -1, 2)
         parts.append(xp.reshape(g, (K, M, block.units, -1)))
     return xp.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
 

@@ -78,7 +78,7 @@ def units(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> tuple[Unit
     """Split every leaf with two or more axes into output units and pair it with its bias.
 
     The bias is a 1-D leaf named like the weight ("weight"→"bias", "kernel"→"bias",
-    "w"→"b" in the last name component), else the next leaf; it decides the unit axis: its
+    "w"→"b" in the last name component), else the next leaf of the same layer; it decides the unit axis: its
     length equals the weight's first axis (torch ``Linear``/``Conv``: (out, in, ...)) or last
     axis (flax ``Dense``/``Conv`` kernels: (..., in, out)). Without a bias the first axis is
     the unit axis.
@@ -91,7 +91,10 @@ def units(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> tuple[Unit
         guesses = {last.replace("weight", "bias"), last.replace("kernel", "bias"), last.replace("w", "b")} - {last}
         cands = [j for j, m in enumerate(names) if j not in taken and len(shapes[j]) == 1
                  and m.rpartition(".")[0] == head and m.rpartition(".")[2] in guesses]
-        if not cands and i + 1 < len(names) and len(shapes[i + 1]) == 1 and (i + 1) not in taken:
+        # Else the next leaf of the same layer only: a convolution without bias is followed by
+        # a batch norm's weight, which is not its bias.
+        if (not cands and i + 1 < len(names) and len(shapes[i + 1]) == 1 and (i + 1) not in taken
+                and names[i + 1].rpartition(".")[0] == head):
             cands = [i + 1]
         bias, axis = None, 0
         for j in cands:
