@@ -250,6 +250,8 @@ LAYERS: dict[str, tuple[LayerRule, ...]] = {
     "torch": (
         LayerRule("`nn.Linear`", "dense", "weight, bias",
                   "any leading axes: positions (a sequence) share the weight"),
+        LayerRule("HuggingFace `Conv1D` (GPT, GPT-2)", "dense", "weight, bias",
+                  "a linear layer with its weight stored (in, out)"),
         LayerRule("`nn.Conv1d`, `nn.Conv2d`, `nn.Conv3d`", "dense", "weight, bias",
                   "over unfolded patches; stride, padding (numbers, 'same', 'valid', every padding "
                   "mode), dilation, groups"),

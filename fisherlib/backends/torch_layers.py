@@ -15,6 +15,7 @@ Recognised modules, and what each owns:
 module                                 kind           leaves
 =====================================  =============  ==========================================
 Linear (any leading axes)              dense          weight, bias (positions share the weight)
+HuggingFace Conv1D (GPT-2)             dense          weight stored (in, out), bias
 Conv1d / Conv2d / Conv3d               dense          weight, bias (over unfolded patches)
 Embedding (padding_idx included)       embedding      weight
 LayerNorm, RMSNorm, GroupNorm          scale_shift    weight (scale), bias (shift)
@@ -68,7 +69,19 @@ class _Call:
         self.module, self.kind, self.roles, self.x, self.y = module, kind, roles, x, y
 
 
+def _transposed_linear(m: nn.Module) -> bool:
+    """HuggingFace's ``Conv1D`` (GPT, GPT-2): a linear layer whose weight is stored (in, out)."""
+    return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.ndim == 2 and getattr(m, "nf", None) == m.weight.shape[1])
+
+
+def _recognised(m: nn.Module) -> bool:
+    return isinstance(m, RECOGNISED) or _transposed_linear(m)
+
+
 def _kind(m: nn.Module) -> str | None:
+    if _transposed_linear(m):
+        return "dense"
     if isinstance(m, nn.Embedding):
         return None if (m.sparse or m.scale_grad_by_freq) else "embedding"
     if isinstance(m, (nn.Linear,) + _CONVS):
@@ -161,7 +174,7 @@ def capture(backend, model: nn.Module, params: Any, inputs: Any, run: Callable):
 
     def forward():
         calls.clear()
-        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, RECOGNISED)]
+        handles = [m.register_forward_hook(hook) for m in model.modules() if _recognised(m)]
         try:
             with torch.enable_grad(), frozen_statistics(model):
                 logits = run(leaves, inputs)
@@ -269,9 +282,10 @@ class LayerCapture:
         roles = {_CORE_ROLE.get(c.kind, {}).get(r, r): i for r, i in c.roles.items()}
         leaves = {r: self.names[i] for r, i in roles.items()}
         shapes = {r: self.shapes[i] for r, i in roles.items()}
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) or _transposed_linear(m):
             x = c.x.reshape(N, -1, 1, c.x.shape[-1])
-            return Layer("dense", leaves, shapes, x, g.reshape(V, N, -1, 1, g.shape[-1]))
+            return Layer("dense", leaves, shapes, x, g.reshape(V, N, -1, 1, g.shape[-1]),
+                         layout="oi" if isinstance(m, nn.Linear) else "io")
         if isinstance(m, _CONVS):
             G = m.groups
             x = _patches(m, c.x)  # (N, L, C·Πk)

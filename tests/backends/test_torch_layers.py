@@ -326,3 +326,28 @@ def test_exact_columns_in_chunks(monkeypatch, structure):
     monkeypatch.setattr(core_layers, "_ELEMENTS", 64)
     chunked = fisherlib.fisher(model, None, x, method="exact", structure=structure)
     assert _max_rel(chunked.value, whole.value) < TOL
+
+
+def test_huggingface_gpt2_with_transposed_linear_layers():
+    """GPT-2's Conv1D layers (weights stored (in, out)) are dense layers: every leaf is covered."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=12, n_layer=2, n_head=2, num_labels=3,
+                                  pad_token_id=0, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    gpt = transformers.GPT2ForSequenceClassification(cfg).double().eval()
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = gpt
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).logits
+
+    model = Wrap()
+    ids = torch.randint(1, 40, (3, 6))
+    _, cap = backends.get("torch").layer_io(model, None, ids)
+    assert cap.uncovered == []
+    est = fisherlib.fisher(model, None, [(ids, None)], method="exact")
+    ref = _loop_exact(lambda n: model(ids[n:n + 1])[0], model, 3)
+    assert _max_rel(est.value, ref) < 1e-9
