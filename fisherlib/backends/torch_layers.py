@@ -272,9 +272,13 @@ class LayerCapture:
         else:
             rows = [torch.autograd.grad(self.out, ys, c, retain_graph=True, allow_unused=True) for c in ct]
             gs = [None if r[0] is None else torch.stack(r) for r in zip(*rows)]
-        V = ct.shape[0]
-        return [self._layer(c, g if g is not None else c.y.new_zeros((V, *c.y.shape)))
-                for c, g in zip(self.calls, gs)]
+        for c, g in zip(self.calls, gs):
+            if g is None:  # its parameters reach the logits, so its output must too
+                raise RuntimeError(
+                    f"model: no cotangent reached the output of {type(c.module).__name__} although its "
+                    "parameters shape the logits (activation checkpointing recomputes it?); pass "
+                    "backend=fisherlib.backends.get('torch', layer_io=False) for the generic path")
+        return [self._layer(c, g) for c, g in zip(self.calls, gs)]
 
     def _layer(self, c: _Call, g: torch.Tensor) -> Layer:
         V, N = g.shape[0], c.x.shape[0]
