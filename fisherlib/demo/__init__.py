@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import analysis, data, nets, report
+from . import analysis, data, nets, report, spectrum_panel, training_panel, uses_panel
 
 __all__ = ["run"]
 
@@ -73,16 +73,14 @@ def run(backend: str | None = None, out: str | Path = "fisherlib-report", *, pro
             "n_train": int(len(split.y_train)), "accuracy": accuracy,
             "train_seconds": train_seconds, "final_loss": losses[-1], "seed": seed, "quick": quick}
     paths = report.write(result, Path(out), meta)
-    from . import uses_panel  # "what the Fisher is for" (fisherlib.uses): pruning curves
-
+    # The panels append to the report: what the Fisher is for (fisherlib.uses: pruning curves),
+    # the parameter-space spectrum (fisherlib.spectral), and training by SGD, Adam and the
+    # natural gradient (fisherlib.natural).
     uses_panel.add(net, split.x_test, split.y_test, result, paths, echo=echo)
-    from . import spectrum_panel  # the parameter-space spectrum (fisherlib.spectral): λ_max, m₁, m₂
-
     spectrum_panel.add(net, split.x_test, result, paths, quick=quick, seed=seed, progress=progress, echo=echo)
-    from . import training_panel  # SGD, Adam and the natural gradient (fisherlib.natural): loss curves
-
     training_panel.add(name, SIZES, split.x_train, split.y_train, paths, quick=quick, seed=seed, echo=echo)
-    echo(f"\nreport: {paths['report']} ({len(report.FIGURES)} figures beside it)")
+    figures = len(list(Path(paths["report"]).parent.glob("*.png")))
+    echo(f"\nreport: {paths['report']} ({figures} figures beside it)")
     return json_summary(paths["json"])
 
 
