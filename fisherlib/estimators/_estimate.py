@@ -289,5 +289,8 @@ def probe_moments(contrib: Array) -> Array:
     xp = array_namespace(contrib)
     K = contrib.shape[0]
     mean = xp.mean(contrib, axis=0)
-    var = xp.var(contrib, axis=0, correction=1) / K if K >= 2 else xp.zeros_like(mean)
-    return xp.stack([mean, var])
+    ss = xp.zeros_like(mean)
+    for k in range(K if K >= 2 else 0):  # one probe at a time: no second (K, ...) temporary
+        d = contrib[k, ...] - mean
+        ss = ss + d * d
+    return xp.stack([mean, ss / (K * (K - 1)) if K >= 2 else ss])
