@@ -121,7 +121,8 @@ def infeasible(row, kind, C, n, P):
     if row == "curvlinops exact (G @ I)" and P > 4096:
         return f"P = {P:,} matvecs per batch (timed on min(256, 2^24/P) columns, extrapolated)"
     if row == "fisherlib exact" and kind == "head" and C > 10000:
-        return f"N·C² = {n * C * C:,} exact cotangent entries (bounded memory, but hours on one core)"
+        return (f"N·C² = {n * C * C:,} exact cotangent entries (bounded memory; about 20 minutes per batch "
+                "on one core, extrapolated from C = 10⁴: not run)")
     if row in EXACT_ROWS - {"fisherlib exact"} and kind == "head" and C >= 10000:
         return f"N·C = {n * C:,} per-example gradient rows of {P:,} entries (or a C×C = {C}² factor per input)"
     if row == "BackPACK DiagGGNExact" and n * C * C * 4 > 8e9:
