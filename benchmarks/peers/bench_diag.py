@@ -120,9 +120,6 @@ def infeasible(row, kind, C, n, P):
     """Why a row is not run at this size (None: run it)."""
     if row == "curvlinops exact (G @ I)" and P > 4096:
         return f"P = {P:,} matvecs per batch (timed on min(256, 2^24/P) columns, extrapolated)"
-    if row == "fisherlib exact" and kind == "head" and C > 10000:
-        return (f"N·C² = {n * C * C:,} exact cotangent entries (bounded memory; about 20 minutes per batch "
-                "on one core, extrapolated from C = 10⁴: not run)")
     if row in EXACT_ROWS - {"fisherlib exact"} and kind == "head" and C >= 10000:
         return f"N·C = {n * C:,} per-example gradient rows of {P:,} entries (or a C×C = {C}² factor per input)"
     if row == "BackPACK DiagGGNExact" and n * C * C * 4 > 8e9:
@@ -301,6 +298,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--settings", nargs="*", default=None, help="a subset of the settings, by index (0-5)")
+    ap.add_argument("--rows", nargs="*", default=None, help="a subset of the rows, by name")
     ap.add_argument("--child", nargs=4, metavar=("SETTING", "ROW", "MODE", "REF"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -323,7 +321,7 @@ def main():
         model, x, _, _ = build(kind, spec, BATCH[mode][kind], torch.float32)
         ref_path = os.path.join(tmp, "ref.pt")
         torch.save(reference(kind, model, x), ref_path)
-        for row in ROWS:
+        for row in args.rows or ROWS:
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
             proc = subprocess.run([sys.executable, __file__, "--child", setting, row, mode, ref_path], capture_output=True,
                                   text=True, env=env, cwd=ROOT)

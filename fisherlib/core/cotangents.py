@@ -112,6 +112,25 @@ def column_source(z: Array, likelihood: str = "softmax", bound: str | None = Non
     return C, cols
 
 
+def exact_diagonal(z: Array, likelihood: str = "softmax", bound: str | None = None, rank: int = 1) -> Array:
+    """Σ_k u_k² over the exact columns u_k of :func:`exact_columns`: the kernel's diagonal (N, C).
+
+    softmax: p(1 − p); ``bound="upper"``: p; ``bound="lower"``: Σ_j λ_j v_j²; sigmoid: σ'. For a
+    layer whose output is the logits, g = u, so the exact diagonal of its parameters needs only
+    these sums, not the C columns one by one.
+    """
+    xp, zw, dtype = check_logits(z, softmax=likelihood == "softmax")
+    _likelihood(likelihood)
+    if likelihood == "sigmoid":
+        return hypercube.fim(z)
+    if bound == "lower":
+        M, cols = column_source(z, likelihood, bound, rank)
+        u = cols(0, M)
+        return xp.sum(u * u, axis=0)
+    p = xp.exp(log_softmax(zw, xp=xp))
+    return restore(p if bound == "upper" else p * (1.0 - p), dtype, xp=xp)
+
+
 def _check_range(a: int, b: int, M: int) -> slice:
     if not 0 <= a <= b <= M:
         raise ValueError(f"columns: expected 0 <= start <= stop <= {M}, got {(a, b)}")

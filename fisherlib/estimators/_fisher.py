@@ -208,7 +208,7 @@ def fisher(
         n = shape[0]  # inputs; z has a row per output (position)
         done.append(next(index))
         if method == "exact":  # the C columns in chunks, never the dense (C, n, C) stack
-            cts = _products.column_chunks(z, shape, opts, capture.elements if capture else 0)
+            cts = _products.exact_cotangents(z, shape, opts, capture, structure)
         else:
             cts = [_reshape_like(_cotangent(be, z, y, b, opts, done[-1]), out)]  # (K, *logits.shape)
         if m is not None:  # masked outputs and ignored labels: zero cotangents

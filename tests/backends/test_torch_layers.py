@@ -351,3 +351,21 @@ def test_huggingface_gpt2_with_transposed_linear_layers():
     est = fisherlib.fisher(model, None, [(ids, None)], method="exact")
     ref = _loop_exact(lambda n: model(ids[n:n + 1])[0], model, 3)
     assert _max_rel(est.value, ref) < 1e-9
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(bound="upper"), dict(bound="lower", rank=2), dict(likelihood="sigmoid"),
+                                dict(structure="trace"), dict(structure="blocks")])
+def test_linear_head_on_fixed_features(kw, monkeypatch):
+    """A layer whose output is the logits needs Σ_k u_k² only: one column, whatever C."""
+    from fisherlib.estimators import _products
+
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(6, 7)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    columns = []
+    orig = _products.column_chunks
+    monkeypatch.setattr(_products, "column_chunks", lambda *a: columns.append(1) or orig(*a))
+    fast = fisherlib.fisher(head, None, x, method="exact", **kw)
+    assert bool(columns) == (kw.get("structure") == "blocks")  # blocks need the columns themselves
+    slow = fisherlib.fisher(head, None, x, method="exact", backend=backends.get("torch", layer_io=False), **kw)
+    assert _max_rel(fast.value, slow.value) < TOL
