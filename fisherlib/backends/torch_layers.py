@@ -261,6 +261,8 @@ class LayerCapture:
         self.uncovered = [names[i] for i in range(len(leaves)) if i not in covered and uses.get(id(leaves[i]))]
         self.shapes = [tuple(t.shape) for t in leaves]
         self.elements = sum(c.y.numel() for c in self.calls)  # cotangent entries per column
+        # Every recognised output is the logits themselves (a linear head on fixed features).
+        self.logits_only = bool(self.calls) and all(c.y is out for c in self.calls)
 
     def __call__(self, ct: torch.Tensor) -> list[Layer]:
         """Layers for a stack ``ct`` (V, *logits.shape) of logit cotangents, one batched backward."""

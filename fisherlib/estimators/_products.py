@@ -66,8 +66,8 @@ def exact_cotangents(z: Array, shape: tuple[int, ...], opts: dict, capture, stru
     Σ_k u_k² = diag of the kernel (``cotangents.exact_diagonal``): one column √diag gives it,
     whatever C (at C = 10⁴ the columns one by one take minutes).
     """
-    if (structure in ("diag", "trace") and capture is not None and capture.calls and not capture.uncovered
-            and len(shape) == 2 and all(c.y is capture.out for c in capture.calls)):
+    if (structure in ("diag", "trace") and capture is not None and getattr(capture, "logits_only", False)
+            and not capture.uncovered and len(shape) == 2):
         xp = array_namespace(z)
         d = cotangents.exact_diagonal(z, opts["likelihood"], opts["bound"], opts["rank"])
         return iter([xp.sqrt(xp.clip(d, min=0.0))[None, ...]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 
@@ -33,7 +34,10 @@ def run(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A bounded timeout: a rank that dies (or stalls on a loaded machine) fails the test in
+    # minutes instead of leaving the others in a collective for gloo's default 30 minutes.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=180))
     import fisherlib.distributed as fd
 
     model, xs, ys = data()
