@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Fast, sharp tests first: with -x a killed mutant stops at its first failing test.
 TESTS = ["tests/estimators/test_fisher.py", "tests/estimators/test_regressions.py",
-         "tests/estimators/test_precision.py", "tests/estimators/test_matrix.py"]
+         "tests/estimators/test_precision.py", "tests/estimators/test_matrix.py",
+         "tests/estimators/test_moments.py", "tests/backends/test_torch_layers.py"]
 
 # (name, file, text, replacement): the text must occur exactly once in the file.
 MUTANTS = [
@@ -66,9 +67,9 @@ MUTANTS = [
      "n_inputs=self.n_inputs + other.n_inputs", "n_inputs=self.n_inputs"),
     # -- cotangents and factor products
     ("Hutchinson weight p instead of sqrt p", "fisherlib/core/simplex.py",
-     "sp = xp.exp(0.5 * logp)\n    return restore(sp * xw", "sp = xp.exp(logp)\n    return restore(sp * xw"),
+     "sp = xp.exp(0.5 * log_softmax(zw, xp=xp))", "sp = xp.exp(log_softmax(zw, xp=xp))"),
     ("Hutchinson drops the centring", "fisherlib/core/simplex.py",
-     "sp * xw - xp.exp(logp) * xp.sum(sp * xw, axis=-1, keepdims=True)", "sp * xw"),
+     "a - (sp * sp) * xp.sum(a, axis=-1, keepdims=True)", "a"),
     ("sigmoid factor without the root", "fisherlib/core/hypercube.py",
      "xp.exp(0.5 * _log_dsigmoid(zw, xp=xp)) * xw", "xp.exp(_log_dsigmoid(zw, xp=xp)) * xw"),
     ("upper bound weight p", "fisherlib/core/cotangents.py",
@@ -76,10 +77,10 @@ MUTANTS = [
     ("lower bound weight lambda", "fisherlib/core/cotangents.py",
      "w = vec * xp.sqrt(xp.clip(lam, min=0.0))[..., None, :]", "w = vec * xp.clip(lam, min=0.0)[..., None, :]"),
     ("exact lower columns weight lambda", "fisherlib/core/cotangents.py",
-     "cols = xp.permute_dims(vec * xp.sqrt(xp.clip(lam, min=0.0))[..., None, :], (2, 0, 1))",
-     "cols = xp.permute_dims(vec * xp.clip(lam, min=0.0)[..., None, :], (2, 0, 1))"),
+     "full = xp.permute_dims(vec * xp.sqrt(xp.clip(lam, min=0.0))[..., None, :], (2, 0, 1))",
+     "full = xp.permute_dims(vec * xp.clip(lam, min=0.0)[..., None, :], (2, 0, 1))"),
     ("exact sigmoid columns without the root", "fisherlib/core/cotangents.py",
-     "s = xp.sqrt(hypercube.fim(z))", "s = hypercube.fim(z)"),
+     "s, p = xp.sqrt(hypercube.fim(zw)), None", "s, p = hypercube.fim(zw), None"),
     ("MC sigmoid samples 1 - sigma", "fisherlib/core/cotangents.py",
      "u < xp.exp(log_sigmoid(zw, xp=xp))", "u > xp.exp(log_sigmoid(zw, xp=xp))"),
     ("MC softmax samples shifted classes", "fisherlib/core/cotangents.py",
@@ -88,6 +89,19 @@ MUTANTS = [
      "return onehot - xp.exp(log_softmax(zw, xp=xp))", "return onehot - 0.5 * xp.exp(log_softmax(zw, xp=xp))"),
     ("sigmoid residual without sigma", "fisherlib/core/cotangents.py",
      "return xp.astype(y, zw.dtype) - xp.exp(log_sigmoid(zw, xp=xp))", "return xp.astype(y, zw.dtype) - 0.5"),
+    ("closed-form logit-layer diagonal p, not p(1-p)", "fisherlib/core/cotangents.py",
+     "p if bound == \"upper\" else p * (1.0 - p)", "p"),
+    # -- layer rules (core/layers.py) and the per-example driver
+    ("dense diagonal with x, not x squared", "fisherlib/core/layers.py",
+     "x2 = xp.permute_dims(x[:, 0, ...] ** 2, (1, 0, 2))", "x2 = xp.permute_dims(x[:, 0, ...], (1, 0, 2))"),
+    ("shared positions squared before summing", "fisherlib/core/layers.py",
+     "out[\"bias\"] = xp.sum(g, axis=2)  # (V, n, G, O)", "out[\"bias\"] = xp.sum(g * g, axis=2)"),
+    ("embedding rows ignore repeats", "fisherlib/core/layers.py",
+     "c = g * xp.matmul(same[None, ...], g)", "c = g * g"),
+    ("column chunks lose all but the last", "fisherlib/estimators/_products.py",
+     "deferred[pos] = g2 if pos not in deferred else deferred[pos] + g2", "deferred[pos] = g2"),
+    ("moments variance not divided by K", "fisherlib/estimators/_estimate.py",
+     "ss / (K * (K - 1)) if K >= 2 else ss", "ss / (K - 1) if K >= 2 else ss"),
 ]
 
 

@@ -143,9 +143,9 @@ def factor_matvec(z: Array, xi: Array) -> Array:
         Probes; leading axes broadcast against those of ``z``.
     """
     xp, zw, dtype, xw = check_logits_and_vector(z, xi, "xi")
-    logp = log_softmax(zw, xp=xp)
-    sp = xp.exp(0.5 * logp)
-    return restore(sp * xw - xp.exp(logp) * xp.sum(sp * xw, axis=-1, keepdims=True), dtype, xp=xp)
+    sp = xp.exp(0.5 * log_softmax(zw, xp=xp))
+    a = sp * xw  # once: it is both the first term and what the second one sums
+    return restore(a - (sp * sp) * xp.sum(a, axis=-1, keepdims=True), dtype, xp=xp)
 
 
 def factor_rmatvec(z: Array, u: Array) -> Array:
