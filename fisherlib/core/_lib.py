@@ -9,6 +9,14 @@ from ._compat import device
 Array = Any
 
 
+def widen(a: Array, *, xp) -> Array:
+    """Reduced precisions (float16, bfloat16) accumulate in float32; other dtypes, integer
+    indices included, stay as they are."""
+    if not xp.isdtype(a.dtype, "real floating") or a.dtype in (xp.float32, xp.float64):
+        return a
+    return xp.astype(a, xp.float32)
+
+
 def restore(x: Array, dtype, *, xp) -> Array:
     """Cast a working-precision result back to the caller's dtype (a no-op when equal)."""
     return x if x.dtype == dtype else xp.astype(x, dtype)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._compat import array_namespace, device
+from ._lib import widen
 
 Array = Any
 
@@ -89,7 +90,7 @@ def diag(layer: Layer, *, sum_probes: bool) -> dict[str, Array]:
     (Σ_v g²)ᵀ x² (or one per probe), never forming a per-example gradient.
     """
     xp = array_namespace(layer.g)
-    x, g = _widen(layer.x, xp), _widen(layer.g, xp)
+    x, g = widen(layer.x, xp=xp), widen(layer.g, xp=xp)
     if layer.kind == "dense" and g.shape[2] == 1:
         out = _dense_diag_unshared(layer, x, g, sum_probes, xp=xp)
     elif layer.kind == "embedding":
@@ -108,7 +109,7 @@ def diag(layer: Layer, *, sum_probes: bool) -> dict[str, Array]:
 def per_example_grads(layer: Layer, start: int, stop: int) -> dict[str, Array]:
     """The per-example gradients of inputs ``start:stop``, per role: (V, stop - start, *leaf)."""
     xp = array_namespace(layer.g)
-    x, g = _widen(layer.x, xp), _widen(layer.g, xp)
+    x, g = widen(layer.x, xp=xp), widen(layer.g, xp=xp)
     if layer.kind == "embedding":
         grads = {"weight": _embedding_grads(layer, g[:, start:stop, ...], x[start:stop, ...], xp=xp)}
     else:
@@ -137,14 +138,14 @@ def sums_squares(layer: Layer) -> Array | None:
     if layer.kind != "dense" or layer.g.shape[2] != 1:
         return None
     xp = array_namespace(layer.g)
-    g = _widen(layer.g, xp)[:, :, 0, ...]
+    g = widen(layer.g, xp=xp)[:, :, 0, ...]
     return xp.sum(g * g, axis=0, keepdims=True)
 
 
 def diag_from_sums(layer: Layer, g2: Array) -> dict[str, Array]:
     """The diagonal (1, *leaf) of a dense layer from its (accumulated) :func:`sums_squares`."""
     xp = array_namespace(g2)
-    out = _dense_diag_from_g2(layer, _widen(layer.x, xp), g2, xp=xp)
+    out = _dense_diag_from_g2(layer, widen(layer.x, xp=xp), g2, xp=xp)
     return {role: _to_leaf(layer, role, a, xp=xp) for role, a in out.items()}
 
 
@@ -268,10 +269,3 @@ def _core_ndim(layer, role):
     if layer.kind == "embedding":
         return 2
     return 1
-
-
-def _widen(a, xp):
-    """Reduced precisions accumulate in float32; integer indices stay as they are."""
-    if not xp.isdtype(a.dtype, "real floating") or a.dtype in (xp.float32, xp.float64):
-        return a
-    return xp.astype(a, xp.float32)

@@ -13,6 +13,7 @@ import numpy as np
 from .. import backends as _backends
 from ..core import cotangents
 from ..core._compat import array_namespace, as_floating, device, is_eager, logits_problem
+from ..core._lib import widen
 from . import _blocks, _outputs, _products
 from ._batches import batches as _batches
 from ._estimate import DETERMINISTIC, FisherEstimate, probe_moments, stderr_kind
@@ -222,7 +223,7 @@ def fisher(
         else:
             grads = [g for _, g in be.leaves(vjp(cts[0]))]
             if structure == "diag":  # one term per probe: squares, without summing a size-1 axis
-                contrib = [g * g for g in (_products.widen(g, array_namespace(g)) for g in grads)]
+                contrib = [g * g for g in (widen(g, xp=array_namespace(g)) for g in grads)]
             else:
                 contrib = _products.accumulate([g[:, None, ...] for g in grads], structure, plan, sum_probes=False)
         if moments is None:  # decided once the size of the per-probe sums is known

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from ..core import cotangents
 from ..core import layers as core_layers
 from ..core._compat import array_namespace, device
+from ..core._lib import widen
 from . import _blocks
 from ._batches import slice_tree
 
@@ -174,7 +175,7 @@ def _generic(be, model, params, inputs, ct, structure, plan, P, summed, chunk_si
 def accumulate(grads, structure, plan, *, sum_probes):
     """Per-probe contributions from gradients (K, M, *leaf): sum over the M rank-one terms."""
     xp = array_namespace(*grads)
-    grads = [widen(g, xp) for g in grads]
+    grads = [widen(g, xp=xp) for g in grads]
     if structure == "diag":
         out = [xp.sum(g * g, axis=1) for g in grads]
     elif structure == "sketch":
@@ -192,10 +193,5 @@ def accumulate(grads, structure, plan, *, sum_probes):
     return out
 
 
-def widen(g, xp):
-    """Reduced precisions accumulate in float32."""
-    return g if g.dtype in (xp.float32, xp.float64) else xp.astype(g, xp.float32)
-
-
 def _zeros(xp, like, shape):
-    return xp.zeros(shape, dtype=widen(like, xp).dtype, device=device(like))
+    return xp.zeros(shape, dtype=widen(like, xp=xp).dtype, device=device(like))

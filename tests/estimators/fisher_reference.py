@@ -68,3 +68,18 @@ def sigmoid_by_enumeration(J, z):
             g = J[n].T @ (y - s[n])
             F += prob * np.outer(g, g)
     return F
+
+
+def torch_mlp(params):
+    """(torch, net): the float64 torch twin of a two-layer tanh ``fisherlib.models.MLP`` holding
+    ``params`` ({"0.weight", "0.bias", "1.weight", "1.bias"}); skips without torch."""
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    (H, D), C = np.shape(params["0.weight"]), np.shape(params["1.weight"])[0]
+    net = torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.Tanh(), torch.nn.Linear(H, C)).double()
+    with torch.no_grad():
+        for layer, i in ((net[0], 0), (net[2], 1)):
+            layer.weight.copy_(torch.as_tensor(params[f"{i}.weight"]))
+            layer.bias.copy_(torch.as_tensor(params[f"{i}.bias"]))
+    return torch, net

@@ -7,6 +7,7 @@ import pytest
 
 import fisherlib
 from fisherlib.models import MLP
+from fisher_reference import torch_mlp
 
 D, H, C, N = 3, 5, 4, 10
 
@@ -28,16 +29,6 @@ def _flat(est, rename=None):
     return np.concatenate([canon[n] for n in ORDER])
 
 
-def _torch_model(params):
-    torch = pytest.importorskip("torch")
-    net = torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.Tanh(), torch.nn.Linear(H, C)).double()
-    with torch.no_grad():
-        for layer, i in ((net[0], 0), (net[2], 1)):
-            layer.weight.copy_(torch.as_tensor(params[f"{i}.weight"]))
-            layer.bias.copy_(torch.as_tensor(params[f"{i}.bias"]))
-    return net, torch
-
-
 def _jax_model(params):
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)
@@ -55,7 +46,7 @@ def _jax_model(params):
 def test_exact_fisher_agrees_across_frameworks(weights, kw):
     params, x = weights
     ref = fisherlib.fisher(MLP([D, H, C]), params, x, **kw)
-    net, torch = _torch_model(params)
+    torch, net = torch_mlp(params)
     t = fisherlib.fisher(net, None, torch.as_tensor(x), **kw)
     f, jparams, jnp = _jax_model(params)
     j = fisherlib.fisher(f, jparams, jnp.asarray(x), **kw)
@@ -70,7 +61,7 @@ def test_exact_fisher_agrees_across_frameworks(weights, kw):
 
 def test_hutchinson_runs_on_each_framework_and_stays_there(weights):
     params, x = weights
-    net, torch = _torch_model(params)
+    torch, net = torch_mlp(params)
     est = fisherlib.fisher(net, None, [torch.as_tensor(x[:5]), torch.as_tensor(x[5:])], probes=4)
     assert all(isinstance(v, torch.Tensor) for v in est.value.values())
     f, jparams, jnp = _jax_model(params)

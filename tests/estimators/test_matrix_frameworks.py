@@ -22,6 +22,7 @@ import pytest
 
 from fisherlib import backends
 
+from fisher_reference import torch_mlp
 from matrix_cases import (
     CHUNK, NP_NAMES, D, H, C, N, Cell, check, numpy_reference_data, reference, read, run, split,
 )
@@ -113,23 +114,13 @@ def _torch_backends():
     return [pytest.param(True, id="layer_io"), pytest.param(False, id="vmap")]
 
 
-def _torch_net(params):
-    torch = pytest.importorskip("torch")
-    net = torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.Tanh(), torch.nn.Linear(H, C)).double()
-    with torch.no_grad():
-        for layer, i in ((net[0], 0), (net[2], 1)):
-            layer.weight.copy_(torch.as_tensor(params[f"{i}.weight"]))
-            layer.bias.copy_(torch.as_tensor(params[f"{i}.bias"]))
-    return torch, net
-
-
 TORCH_NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["params=None", "params=dict"])
 @pytest.mark.parametrize("cell", SLICE, ids=lambda c: c.id)
 def test_torch(data, cell, explicit):
-    torch, net = _torch_net(data[0])
+    torch, net = torch_mlp(data[0])
     params = {n: p.detach().clone() for n, p in net.named_parameters()} if explicit else None
     x, y, ymulti = data[1], data[2], data[3]
     est = run(net, params, _batches(cell, x, y, ymulti, torch.as_tensor), cell, K=K, group=TORCH_NAMES)
@@ -144,7 +135,7 @@ def test_torch_per_example_routes(data, cell, explicit, layer_io):
     the reference (skipped as one 'default' case while the adapter has no layer_io option)."""
     if layer_io is None:
         pytest.skip("backends.get('torch', layer_io=...) is not available; test_torch covers the default")
-    torch, net = _torch_net(data[0])
+    torch, net = torch_mlp(data[0])
     params = {n: p.detach().clone() for n, p in net.named_parameters()} if explicit else None
     x, y, ymulti = data[1], data[2], data[3]
     be = backends.get("torch", layer_io=layer_io)
