@@ -280,23 +280,18 @@ class TorchBackend:
         """
         from . import torch_layers
 
-        call, _, _ = self._split(model, params, own=True)
+        call, leaves, rebuild = self._split(model, params, own=True)
+        names = [n for n, _ in self.leaves(rebuild(leaves))]
+        if not (isinstance(model, nn.Module) and params is None):
+            leaves = [t.detach().requires_grad_(True) for t in leaves]  # aliases, as linearize's
 
-        def run(leaves, x):
-            out = call(leaves, x)
+        def run(ls, x):
+            out = call(ls, x)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"model: expected a tensor of logits, got {type(out).__name__}")
             return out
 
-        return torch_layers.capture(self, model, params, inputs, run)
-
-    def _tracked(self, model: Any, params: Tree) -> tuple[list[str], list[torch.Tensor]]:
-        """Names and the tensors the forward of :meth:`layer_io` differentiates with respect to."""
-        _, leaves, _ = self._split(model, params, own=True)
-        names = [n for n, _ in self.leaves(self.parameters(model, params))]
-        if not (isinstance(model, nn.Module) and params is None):
-            leaves = [t.detach().requires_grad_(True) for t in leaves]
-        return names, leaves
+        return torch_layers.capture(model, names, leaves, inputs, run, batch_probes=self.batch_probes)
 
     def probes(self, seed: int, shape: tuple[int, ...], dist: str, like: torch.Tensor) -> torch.Tensor:
         """Rademacher, Gaussian or uniform values from a ``torch.Generator`` seeded with ``seed``.

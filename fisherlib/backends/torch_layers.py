@@ -122,19 +122,20 @@ def frozen_statistics(model: Any):
                 setattr(m, n, b)
 
 
-def capture(backend, model: nn.Module, params: Any, inputs: Any, run: Callable):
+def capture(model: nn.Module, names: list[str], leaves: list[torch.Tensor], inputs: Any, run: Callable, *,
+            batch_probes: bool = True):
     """Forward once with hooks: (detached logits, :class:`LayerCapture`).
 
-    ``run(leaves, inputs)`` is the adapter's forward returning the logits tensor; the leaves are
-    the tracked parameter tensors, named by ``names``.
+    ``run(leaves, inputs)`` is the adapter's forward returning the logits tensor; ``leaves`` are
+    the tracked parameter tensors, named by ``names``; ``batch_probes``: one batched backward
+    for a stack of cotangents, else one backward per row.
     """
-    names, leaves = backend._tracked(model, params)
     if not leaves:
         raise ValueError("params: no floating parameters that require grad")
     if not isinstance(model, nn.Module):  # f(params, x): no layers to recognise, all leaves generic
         with torch.enable_grad():
             out = run(leaves, inputs)
-        return out.detach(), LayerCapture([], out, names, leaves, backend.batch_probes)
+        return out.detach(), LayerCapture([], out, names, leaves, batch_probes)
     bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and _batch_statistics(m)]
     if bn:
         raise ValueError(
@@ -200,7 +201,7 @@ def capture(backend, model: nn.Module, params: Any, inputs: Any, run: Callable):
             out = forward()
     drop |= _not_batch_major(model, inputs, out, calls)
     calls[:] = [c for c in calls if id(c.module) not in drop]
-    return out.detach(), LayerCapture(calls, out, names, leaves, backend.batch_probes)
+    return out.detach(), LayerCapture(calls, out, names, leaves, batch_probes)
 
 
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
