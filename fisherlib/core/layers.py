@@ -31,7 +31,7 @@ exact method must do once positions share a weight.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ._compat import array_namespace, device
@@ -76,7 +76,6 @@ class Layer:
     layout: str = "oi"
     num: int = 0
     padding: int | None = None
-    meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in KINDS:
