@@ -6,11 +6,11 @@ On the models of ``benchmarks/estimators.py`` (MLP 784-512-512-10 with 128 input
 
 - **train step**: forward, cross-entropy, ``torch.autograd.grad`` (the reference, 1.00);
 - **step + 1 probe**: ``RunningFisher("diag", probes=1).step`` — the same forward, the loss
-  cotangent and one Hutchinson cotangent pulled back in one batched backward, and the EMA
-  update of the diagonal (aim ≤ 1.7×);
-- **(looped)**: the same with ``backends.get("torch", batch_probes=False)``: the two rows
-  pulled back by two ``autograd.grad`` calls on the same graph instead of one
-  ``is_grads_batched`` call;
+  cotangent and one Hutchinson cotangent pulled back through the step's graph (on a CPU by
+  default one ``autograd.grad`` call per row), and the in-place EMA update of the diagonal
+  (aim ≤ 1.7×);
+- **(batched)**: the same with ``backends.get("torch", batch_probes=True)``: the two rows
+  pulled back in one ``is_grads_batched`` call (torch's ``vmap`` of the backward);
 - **(no stderr)**: batched, keeping no second moments (``stderr=False``, what the optimizers
   use);
 - **standalone probe**: ``fisherlib.fisher(model, params, x, probes=1)`` — its own forward and
@@ -46,14 +46,14 @@ def rows(quick: bool, repeats: int) -> list[dict]:
     w = s["sweep"]
     settings += [(f"sweep C={c}", "sweep", c, w["n"]) for c in w["classes"]]
     be = backends.get("torch")
-    looped = backends.get("torch", batch_probes=False)  # pulls the K + 1 rows back one by one
+    batched = backends.get("torch", batch_probes=True)  # the K + 1 rows in one vmap-ed backward
     out = []
     for label, kind, classes, n in settings:
         model, x, y = build(kind, classes, n, s)
         params = [p for p in model.parameters() if p.requires_grad]
         pdict = detached(model)
         rf = RunningFisher("diag", probes=1, decay=0.95)
-        rf2 = RunningFisher("diag", probes=1, decay=0.95, backend=looped)
+        rf2 = RunningFisher("diag", probes=1, decay=0.95, backend=batched)
         rf3 = RunningFisher("diag", probes=1, decay=0.95, stderr=False)
 
         def train():
@@ -63,7 +63,7 @@ def rows(quick: bool, repeats: int) -> list[dict]:
         def probe_step():
             rf.step(model, None, x, y)
 
-        def probe_step_looped():
+        def probe_step_batched():
             rf2.step(model, None, x, y)
 
         def probe_step_lean():
@@ -78,7 +78,7 @@ def rows(quick: bool, repeats: int) -> list[dict]:
             z, vjp = be.linearize(model, pdict, x)
             vjp(ct)
 
-        t = median_times({"train": train, "probe_step": probe_step, "looped": probe_step_looped,
+        t = median_times({"train": train, "probe_step": probe_step, "batched": probe_step_batched,
                           "lean": probe_step_lean,
                           "standalone": standalone, "adapter": adapter}, repeats, warmup=2)
         out.append({"setting": label, **{k: v for k, v in t.items()}})
@@ -87,11 +87,11 @@ def rows(quick: bool, repeats: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| setting | train step (ms) | step + 1 probe (batched) | (looped) | (no stderr) | standalone probe | "
+    lines = ["| setting | train step (ms) | step + 1 probe | (batched) | (no stderr) | standalone probe | "
              "adapter only |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["train"]
-        lines.append(f"| {r['setting']} | {t * 1e3:.2f} | {r['probe_step'] / t:.2f}× | {r['looped'] / t:.2f}× | {r['lean'] / t:.2f}× | "
+        lines.append(f"| {r['setting']} | {t * 1e3:.2f} | {r['probe_step'] / t:.2f}× | {r['batched'] / t:.2f}× | {r['lean'] / t:.2f}× | "
                      f"{r['standalone'] / t:.2f}× | {r['adapter'] / t:.2f}× |")
     return "\n".join(lines)
 

@@ -34,6 +34,15 @@ class Backend(Protocol):
     Also optional: ``jvp(model, params, inputs, tangents) -> J t``, shaped like the logits (a
     leading K when every leaf of ``tangents`` has one), for the products F v of
     :mod:`fisherlib.spectral`, which falls back to per-example VJPs without it.
+
+    Two optional execution hints (no mathematics; estimators read them with ``getattr``):
+
+    - ``vjp_fresh = True``: every array ``vjp`` returns is newly allocated, so an estimator may
+      overwrite it (square a probe gradient in place instead of allocating g²). Absent or
+      False for user-written models, whose VJPs may return arrays they keep;
+    - ``batched(like) -> bool``: whether K cotangents on ``like``'s device are faster pulled
+      back in one call (True, the default when absent) or one call each
+      (:class:`~fisherlib.estimators.RunningFisher` then never stacks the K + 1 gradients).
     """
 
     name: str

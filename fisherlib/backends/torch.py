@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import math
 import warnings
 from typing import Any, Callable
 
@@ -106,10 +108,12 @@ class TorchBackend:
     warn_batchnorm : bool
         Warn (:class:`~fisherlib.backends.BatchNormWarning`) when a module in training mode
         contains batch-norm layers.
-    batch_probes : bool
-        Pull a stack of K cotangents back in one batched call (default). ``False`` loops over
-        them instead: on a CPU, convolution- and attention-heavy models can be faster that way
-        (``docs/benchmarks.md``); the results are the same.
+    batch_probes : bool or None
+        ``True`` pulls a stack of K cotangents back through one graph in one batched call
+        (``is_grads_batched``); ``False`` loops over them (the results are the same). ``None``
+        (default) loops on a CPU, where the batched backward was slower on every model measured
+        (``docs/natural-gradient.md``, "Cost"), and batches elsewhere; the layer-I/O capture
+        and :meth:`jvp` batch unless ``False``.
     layer_io : bool
         Offer :meth:`layer_io` (default), so that per-example methods work from each recognised
         layer's input and output cotangents (``docs/per-example.md``); ``False`` leaves the
@@ -130,8 +134,9 @@ class TorchBackend:
 
     name = "torch"
     output: Callable | None = None  # where the logits are in the model's output (with_output)
+    vjp_fresh = True  # autograd returns new gradient tensors: estimators may overwrite them
 
-    def __init__(self, *, chunk_size: int | None = None, warn_batchnorm: bool = True, batch_probes: bool = True,
+    def __init__(self, *, chunk_size: int | None = None, warn_batchnorm: bool = True, batch_probes: bool | None = None,
                  layer_io: bool = True):
         self.chunk_size = chunk_size
         self.warn_batchnorm = warn_batchnorm
@@ -233,7 +238,7 @@ class TorchBackend:
             batched = check_ct(ct, shape)
             if batched and ct.shape[0] == 1:  # one cotangent: a plain backward; vmap costs more on CPU
                 return rebuild([g.unsqueeze(0) for g in pull(ct[0], False)])
-            if batched and not self.batch_probes:
+            if batched and not self.batched(ct):
                 rows = [pull(c, False) for c in ct]
                 return rebuild([torch.stack(col) for col in zip(*rows)])
             return rebuild(pull(ct, batched))
@@ -291,7 +296,7 @@ class TorchBackend:
                 raise TypeError(f"model: expected a tensor of logits, got {type(out).__name__}")
             return out
 
-        return torch_layers.capture(model, names, leaves, inputs, run, batch_probes=self.batch_probes)
+        return torch_layers.capture(model, names, leaves, inputs, run, batch_probes=self.batch_probes is not False)
 
     def probes(self, seed: int, shape: tuple[int, ...], dist: str, like: torch.Tensor) -> torch.Tensor:
         """Rademacher, Gaussian or uniform values from a ``torch.Generator`` seeded with ``seed``.
@@ -305,11 +310,17 @@ class TorchBackend:
         gen = torch.Generator(device=like.device)
         gen.manual_seed(seed)
         kw = dict(generator=gen, dtype=like.dtype, device=like.device)
-        if dist == "rademacher":
-            return torch.randint(0, 2, shape, **kw).mul_(2).sub_(1)
+        if dist == "rademacher":  # eight signs per random byte, through a table of the 256 bytes' bits
+            n = math.prod(shape)
+            byte = torch.randint(0, 256, (-(-n // 8),), generator=gen, device=like.device)
+            return _sign_table(like.dtype, like.device).index_select(0, byte).reshape(-1)[:n].reshape(shape)
         if dist == "gaussian":
             return torch.randn(shape, **kw)
         return torch.rand(shape, **kw)
+
+    def batched(self, like: torch.Tensor) -> bool:
+        """Whether K cotangents on ``like``'s device go back in one batched call (``batch_probes``)."""
+        return self.batch_probes if self.batch_probes is not None else like.device.type != "cpu"
 
     def leaves(self, tree: Tree) -> list[tuple[str, torch.Tensor]]:
         """Named leaves: a module's parameters that require grad by ``named_parameters()`` names,
@@ -361,7 +372,7 @@ class TorchBackend:
 
         if not batched:
             return one(*ts)
-        if self.batch_probes:
+        if self.batch_probes is not False:
             return torch.func.vmap(one)(*ts)
         return torch.stack([one(*[t[k] for t in ts]) for k in range(ts[0].shape[0])])
 
@@ -385,6 +396,13 @@ class TorchBackend:
             raise TypeError(f"loss: expected a scalar tensor, got {getattr(value, 'shape', type(value).__name__)}")
         (ct,) = torch.autograd.grad(value, z)
         return logits, value.detach(), ct, vjp
+
+@functools.lru_cache(maxsize=16)
+def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 8): row b holds the bits of b, least significant first, as -1 / +1."""
+    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+    return (2 * bits - 1).to(dtype)
+
 
 def _check_tangents(ts: list, leaves) -> bool:
     """True when every tangent has a leading axis K in front of its parameter's shape."""

@@ -17,6 +17,7 @@ from ..core._lib import widen
 from . import _blocks, _outputs, _products
 from ._batches import batches as _batches
 from ._estimate import DETERMINISTIC, FisherEstimate, probe_moments, stderr_kind
+from ._seeds import derive
 
 Array = Any
 
@@ -223,14 +224,14 @@ def fisher(
         else:
             grads = [g for _, g in be.leaves(vjp(cts[0]))]
             if structure == "diag":  # one term per probe: squares, without summing a size-1 axis
-                contrib = [g * g for g in (widen(g, xp=array_namespace(g)) for g in grads)]
+                contrib = [_square(g, getattr(be, "vjp_fresh", False)) for g in grads]
             else:
                 contrib = _products.accumulate([g[:, None, ...] for g in grads], structure, plan, sum_probes=False)
         if moments is None:  # decided once the size of the per-probe sums is known
             moments = _moments(keep_probes, structure, method, probes, contrib)
         if moments:
             contrib = [probe_moments(c) for c in contrib]
-        parts = contrib if parts is None else [a + c for a, c in zip(parts, contrib)]
+        parts = contrib if parts is None else _add(parts, contrib, inplace=not opts["per_example"])
         n_inputs += n
         n_outputs += _outputs.count(m, shape)
         bar.inputs(n_inputs)
@@ -254,6 +255,29 @@ def fisher(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _square(g: Array, fresh: bool) -> Array:
+    """g² of a probe gradient, in place when the adapter's VJP returns fresh arrays: on a CPU a
+    new P-sized array costs more than squaring (a page-faulted buffer once past the allocator's
+    cache)."""
+    xp = array_namespace(g)
+    w = widen(g, xp=xp)
+    if fresh or w is not g:  # ours to overwrite
+        w *= w
+        return w
+    return w * w
+
+
+def _add(parts: list, contrib: list, *, inplace: bool) -> list:
+    """Running sums over batches; ``inplace`` adds into ``parts`` (arrays this loop made)."""
+    if not inplace:
+        return [a + c for a, c in zip(parts, contrib)]
+    out = []
+    for a, c in zip(parts, contrib):
+        a += c  # in place, or (JAX) a new array bound to ``a``: the list holds the result either way
+        out.append(a)
+    return out
 
 
 # Per-probe partial sums kept by default up to this many entries (K × P); beyond, running moments.
@@ -410,7 +434,7 @@ def _reshape_like(ct, logits):
 
 
 def _batch_seed(seed: int, b: int, stream: int = 0) -> int:
-    return int(np.random.SeedSequence([seed, b, stream]).generate_state(1)[0])
+    return derive(seed, b, stream)
 
 
 def _global_indices(first_batch, batch_indices, deterministic):

@@ -37,35 +37,45 @@ from .. import backends as _backends
 from ..core import cotangents
 from ..core._compat import array_namespace, device
 from ..core._lib import log_softmax
+from ._seeds import derive
 from ._units import STRUCTURES, Layout, Unit, from_units, layout, to_units, units
 
 Array = Any
 
-__all__ = ["Layout", "RunningFisher", "Unit", "from_units", "init_state", "layout", "probe_terms", "to_units",
-           "units", "update_state"]
+__all__ = ["Layout", "RunningFisher", "Unit", "fold", "from_units", "init_state", "layout", "probe_terms",
+           "to_units", "units", "update_state"]
 
 def probe_terms(lay: Layout, grads: Sequence[Array], n: int) -> dict[str, Array]:
     """Per-probe terms (K, ...) of the estimate from probe gradients ``grads`` (K, *leaf), / n."""
-    return {k: q / n for k, q in _raw_terms(lay, grads).items()}
-
-
-def _raw_terms(lay: Layout, grads: Sequence[Array]) -> dict[str, Array]:
     xp = array_namespace(*grads)
-    index = {name: i for i, name in enumerate(lay.names)}
-    out: dict[str, Array] = {}
-    for key in lay.keys:
-        kind, name = key.split(":", 1)
-        g = grads[index[name]]
-        if kind == "diag":
-            out[key] = g * g
-        elif kind == "block":
-            v = xp.reshape(g, (g.shape[0], -1))
-            out[key] = v[:, :, None] * v[:, None, :]
-        else:
-            u = lay.unit(name)
-            v = to_units(u, g, None if u.bias is None else grads[u.bias], lead=1)  # (K, U, S)
-            out[key] = v[..., :-1] * v[..., -1:] if kind == "cross" else xp.matmul(v[..., :, None], v[..., None, :])
-    return out
+    rows = _rows(grads)
+    return {key: xp.stack([_term(lay, key, gs) for gs in rows]) / n for key in lay.keys}
+
+
+def _rows(grads: Sequence[Array]) -> list[list[Array]]:
+    """Per-leaf (K, *leaf) arrays as K rows of leaves (views where the namespace has them)."""
+    return [[g[k, ...] for g in grads] for k in range(grads[0].shape[0])]
+
+
+def _term(lay: Layout, key: str, gs: Sequence[Array], *, overwrite: bool = False) -> Array:
+    """One probe's raw term for ``key`` from its leaf gradients ``gs``: g², g_w g_b, v vᵀ or g gᵀ.
+
+    ``overwrite`` squares a diagonal term's gradient in place (it must be the caller's to lose).
+    """
+    kind, name = key.split(":", 1)
+    g = gs[lay.names.index(name)]
+    xp = array_namespace(g)
+    if kind == "diag":
+        if overwrite:
+            g *= g
+            return g
+        return g * g
+    if kind == "block":
+        v = xp.reshape(g, (-1,))
+        return v[:, None] * v[None, :]
+    u = lay.unit(name)
+    v = to_units(u, g, None if u.bias is None else gs[u.bias], lead=0)  # (U, S)
+    return v[..., :-1] * v[..., -1:] if kind == "cross" else xp.matmul(v[..., :, None], v[..., None, :])
 
 
 def init_state(lay: Layout, like: Array, *, stderr: bool = True) -> dict[str, Any]:
@@ -73,14 +83,14 @@ def init_state(lay: Layout, like: Array, *, stderr: bool = True) -> dict[str, An
     count ``t``) on ``like``'s device."""
     xp = array_namespace(like)
     dt, dev = like.dtype, device(like)
-    zeros = {}
-    for key in lay.keys:
-        kind, name = key.split(":", 1)
-        zeros[key] = xp.zeros(_term_shape(lay, kind, name), dtype=dt, device=dev)
+
+    def zeros():  # fresh arrays for each moment: the eager update writes them in place
+        return {key: xp.zeros(_term_shape(lay, *key.split(":", 1)), dtype=dt, device=dev) for key in lay.keys}
+
     scalar = xp.zeros((), dtype=dt, device=dev)
-    state = {"m": dict(zeros), "w": scalar, "w2": scalar, "t": xp.zeros((), dtype=dt, device=dev)}
+    state = {"m": zeros(), "w": scalar, "w2": scalar, "t": xp.zeros((), dtype=dt, device=dev)}
     if stderr:
-        state["s"] = dict(zeros)
+        state["s"] = zeros()
     return state
 
 
@@ -96,30 +106,55 @@ def _term_shape(lay: Layout, kind: str, name: str) -> tuple[int, ...]:
 
 
 def update_state(lay: Layout, state: dict, grads: Sequence[Array], n: int, decay: float | None) -> dict:
-    """New state after one step's probe gradients ``grads`` (K, *leaf) over ``n`` inputs.
+    """New state after one step's probe gradients ``grads`` (K, *leaf) over ``n`` inputs (pure).
 
     m ← β m + (α/n) mean_k q_k and s ← β s + (α/n²) mean_k q_k² for the raw terms q_k (g², g_w g_b,
-    unit outer products), the 1/n folded into the scalars (fewer passes over P entries).
+    unit outer products).
+    """
+    return fold(lay, state, _rows(grads), n, decay, inplace=False)
+
+
+def fold(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], n: int, decay: float | None, *,
+         inplace: bool, own_rows: bool = False) -> dict:
+    """:func:`update_state` from K ``rows`` of leaf gradients (one list of leaves per probe).
+
+    ``inplace=True`` updates the state's arrays in place, and ``own_rows=True`` squares the rows'
+    diagonal terms in place (for a caller that owns them: :class:`RunningFisher`): on a CPU each
+    fresh P-sized array costs more than the arithmetic on it (a newly page-faulted buffer once it
+    is past the allocator's cache). JAX arrays are immutable: there the operators below rebind,
+    and the function stays pure either way.
     """
     beta, alpha = (1.0, 1.0) if decay is None else (float(decay), 1.0 - float(decay))
+    K = len(rows)
+    c = alpha / (n * K)  # m's weight of each probe's raw term; s's is (α/(n²K)) = c² · K/α
     out = {"m": {}, "w": beta * state["w"] + alpha, "w2": beta * beta * state["w2"] + alpha * alpha,
            "t": state["t"] + 1}
-    keep_s = "s" in state
-    if keep_s:
-        out["s"] = {}
-    for key, q in _raw_terms(lay, grads).items():
-        xp = array_namespace(q)
-        K = q.shape[0]
-        mean = q[0, ...] if K == 1 else xp.mean(q, axis=0)
-        out["m"][key] = _ema(state["m"][key], mean, beta, alpha / n)
-        if keep_s:
-            q2 = q * q
-            out["s"][key] = _ema(state["s"][key], q2[0, ...] if K == 1 else xp.mean(q2, axis=0), beta, alpha / (n * n))
+    moments = ("m", "s") if "s" in state else ("m",)
+    for part in moments[1:]:
+        out[part] = {}
+    # Diagonal terms last: squaring a leaf in place must come after the unit terms that read it.
+    for key in sorted(lay.keys, key=lambda k: k.startswith("diag:")):
+        acc = {part: _decayed(state[part][key], beta, inplace) for part in moments}
+        for gs in rows:
+            q = _term(lay, key, gs, overwrite=own_rows)  # a fresh array, or the caller's to lose
+            q *= c
+            acc["m"] += q
+            if "s" in acc:
+                q *= q
+                q *= K / alpha
+                acc["s"] += q
+        for part in moments:
+            out[part][key] = acc[part]
     return out
 
 
-def _ema(old, new, beta, scale):
-    return (old if beta == 1.0 else beta * old) + scale * new
+def _decayed(old: Array, beta: float, inplace: bool) -> Array:
+    """β·old: in place when asked, else a new array (one the caller can add to in place)."""
+    if inplace:
+        if beta != 1.0:
+            old *= beta
+        return old
+    return beta * old if beta != 1.0 else old + 0.0
 
 
 def state_value(state: dict) -> dict[str, Array]:
@@ -238,10 +273,18 @@ class RunningFisher:
             value, cts = self._fn(be, "train", cotangents.cross_entropy_and_hutchinson)(z, y, xi)
         else:
             cts = self._fn(be, "stack", _stack)(z, ct_loss, xi)
-        pulled = vjp(xp.reshape(cts, (self.probes + 1, *logits.shape)))
-        named = be.leaves(pulled)
-        grads = be.unflatten(pulled, [g[0, ...] for _, g in named])
-        self.update([g[1:, ...] for _, g in named], [n for n, _ in named], N, backend=be)
+        shape = tuple(logits.shape)
+        batched = getattr(be, "batched", None)
+        if batched is None or batched(z):  # one call for the 1 + K rows: leaves (1 + K, *leaf)
+            pulled = vjp(xp.reshape(cts, (self.probes + 1, *shape)))
+            named = be.leaves(pulled)
+            grads = be.unflatten(pulled, [g[0, ...] for _, g in named])
+            probes = {"stacked": [g[1:, ...] for _, g in named]}
+        else:  # a call per row, never stacking P-sized results
+            pulled = [vjp(xp.reshape(cts[k, ...], shape)) for k in range(self.probes + 1)]
+            grads, named = pulled[0], be.leaves(pulled[0])
+            probes = {"rows": [[g for _, g in be.leaves(t)] for t in pulled[1:]]}
+        self._fold([name for name, _ in named], N, be, owned=getattr(be, "vjp_fresh", False), **probes)
         return value, grads
 
     def _fn(self, be, key, fn):
@@ -254,13 +297,24 @@ class RunningFisher:
 
     def update(self, probe_grads: Sequence[Array], names: Sequence[str], n: int, *, backend: Any = None) -> None:
         """Fold one step's probe gradients (K, *leaf) over ``n`` inputs into the estimate."""
+        self._fold(names, n, backend, stacked=list(probe_grads), owned=False)
+
+    def _fold(self, names, n, backend, *, rows=None, stacked=None, owned=True):
+        """Fold K probes, given as ``rows`` (K lists of leaves) or ``stacked`` leaves (K, *leaf)."""
         if self.layout is None:
-            self.layout = layout(names, [tuple(g.shape[1:]) for g in probe_grads], self.structure)
-            self.state = init_state(self.layout, probe_grads[0], stderr=self.keep_stderr)
+            shapes = [tuple(g.shape) for g in rows[0]] if rows is not None else [tuple(g.shape[1:]) for g in stacked]
+            self.layout = layout(names, shapes, self.structure)
+            self.state = init_state(self.layout, (rows[0] if rows is not None else stacked)[0], stderr=self.keep_stderr)
         lay, decay = self.layout, self.decay
-        fn = update_state if backend is None else self._fn(
-            backend, ("update", n), lambda st, gs: update_state(lay, st, gs, n, decay))
-        self.state = fn(self.state, list(probe_grads)) if backend is not None else fn(lay, self.state, probe_grads, n, decay)
+        comp = getattr(backend, "compile", None) if backend is not None else None
+        if comp is None:  # eager: the state (ours) updated in place, and the probes too when ours
+            rows = rows if rows is not None else _rows(stacked)
+            self.state = fold(lay, self.state, rows, n, decay, inplace=True, own_rows=owned)
+            return
+        key = ("update", n, "rows" if rows is not None else "stacked")
+        fn = self._fn(backend, key, lambda st, ps: fold(lay, st, ps if rows is not None else _rows(ps), n, decay,
+                                                      inplace=False))
+        self.state = fn(self.state, rows if rows is not None else stacked)
 
     def _backend(self, params):
         if self.backend is None or isinstance(self.backend, str):
@@ -289,10 +343,13 @@ class RunningFisher:
             raise ValueError("RunningFisher: no step yet; call step() or update() first")
 
     def state_dict(self) -> dict:
-        """The state as a flat ``{name: array}`` dict plus the layout and options (no pickle needed)."""
+        """The state as a flat ``{name: array}`` dict plus the layout and options (no pickle needed).
+
+        The arrays are copies: later steps update the estimate's own arrays in place.
+        """
         self._require()
-        flat = {f"m/{k}": v for k, v in self.state["m"].items()}
-        flat.update({f"s/{k}": v for k, v in self.state.get("s", {}).items()})
+        flat = {f"m/{k}": _copy(v) for k, v in self.state["m"].items()}
+        flat.update({f"s/{k}": _copy(v) for k, v in self.state.get("s", {}).items()})
         flat.update({"w": self.state["w"], "w2": self.state["w2"], "t": self.state["t"]})
         return {"arrays": flat, "names": list(self.layout.names), "shapes": [list(s) for s in self.layout.shapes],
                 "structure": self.structure, "probes": self.probes, "decay": self.decay, "seed": self.seed}
@@ -301,10 +358,10 @@ class RunningFisher:
         if sd["structure"] != self.structure:
             raise ValueError(f"state: structure {sd['structure']!r} differs from this estimate's {self.structure!r}")
         self.layout = layout(sd["names"], [tuple(s) for s in sd["shapes"]], self.structure)
-        a = sd["arrays"]
-        self.state = {"m": {k: a[f"m/{k}"] for k in self.layout.keys}, "w": a["w"], "w2": a["w2"], "t": a["t"]}
+        a = sd["arrays"]  # copied: the steps update the state in place, not the caller's arrays
+        self.state = {"m": {k: _copy(a[f"m/{k}"]) for k in self.layout.keys}, "w": a["w"], "w2": a["w2"], "t": a["t"]}
         if all(f"s/{k}" in a for k in self.layout.keys):
-            self.state["s"] = {k: a[f"s/{k}"] for k in self.layout.keys}
+            self.state["s"] = {k: _copy(a[f"s/{k}"]) for k in self.layout.keys}
 
 
 def _cross_entropy(z, y):
@@ -322,10 +379,12 @@ def _stack(z, ct_loss, xi):
     return xp.concat([ct_loss[None, ...], cotangents.hutchinson(z, xi)], axis=0)
 
 
-def _step_seed(seed: int, t: int) -> int:
-    import numpy as np
+def _copy(a: Array) -> Array:
+    return array_namespace(a).asarray(a, copy=True)
 
-    return int(np.random.SeedSequence([seed, t, 7]).generate_state(1)[0])
+
+def _step_seed(seed: int, t: int) -> int:
+    return derive(seed, t, 7)
 
 
 def _flat(logits):
