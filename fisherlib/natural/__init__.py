@@ -3,6 +3,7 @@
 - :func:`precondition` turns a gradient tree into (F̃ + λI)⁻¹ g for a structured F̃ (diagonal,
   quasi-diagonal, Ollivier / Amari–Karakida–Oizumi unit blocks, full unit blocks, dense
   per-layer blocks with an optional pseudo-inverse), from a :class:`Curvature`;
+  :class:`Preconditioner` factorises the same once (per refresh / λ) and applies it per step;
 - the array-level solves (:func:`diagonal`, :func:`arrowhead`, :func:`ollivier`,
   :func:`woodbury`, :func:`unit_blocks`, :func:`dense`) work on any Array API namespace;
 - :class:`LevenbergMarquardt` adapts the damping λ from the ratio of actual to predicted decrease;
@@ -16,6 +17,7 @@ See ``docs/natural-gradient.md``.
 
 from __future__ import annotations
 
+from ._cached import Preconditioner
 from ._damping import LevenbergMarquardt, lr_from_lambda_max
 from ._precondition import KINDS, Curvature, precondition
 from ._solve import arrowhead, dense, diagonal, ollivier, unit_blocks, woodbury
@@ -23,7 +25,7 @@ from ._solve import arrowhead, dense, diagonal, ollivier, unit_blocks, woodbury
 # NaturalGradient (torch), natural_gradient and value_grad_and_probes (optax) load on first use
 # and stay out of __all__, so that a star import needs neither torch nor optax.
 __all__ = ["KINDS", "Curvature", "LevenbergMarquardt", "arrowhead", "dense", "diagonal", "lr_from_lambda_max",
-           "ollivier", "precondition", "unit_blocks", "woodbury"]
+           "ollivier", "precondition", "Preconditioner", "unit_blocks", "woodbury"]
 
 
 def __getattr__(name: str):

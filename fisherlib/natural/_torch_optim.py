@@ -5,12 +5,17 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..backends._common import call_args, logits_of
+from ..backends.torch_layers import frozen_statistics
 from ..estimators._running import RunningFisher
+from ._cached import Preconditioner
 from ._damping import LevenbergMarquardt, predicted_change
-from ._precondition import KINDS, UNIT_SOLVES, Curvature, precondition, structure_for
+from ._precondition import KINDS, UNIT_SOLVES, Curvature, structure_for
 
 __all__ = ["NaturalGradient"]
 
@@ -91,27 +96,55 @@ class NaturalGradient(torch.optim.Optimizer):
         self.lm = LevenbergMarquardt(damping) if adapt_damping else None
         self.damping = float(damping)
         self.curvature: Curvature | None = None
+        self._plan: Preconditioner | None = None  # (F̃ + λI)⁻¹ prepared for self.curvature and self.damping
         self.steps = 0
         self._last_loss: float | None = None
 
     def backward(self, inputs: Any, targets: Any, loss: Callable | None = None) -> torch.Tensor:
-        """Forward + one batched backward: writes ``p.grad`` and, on refresh steps, updates F̃.
+        """Forward + backward: writes ``p.grad`` and, on refresh steps, updates F̃.
 
-        ``loss=None`` is the mean cross-entropy; else ``loss(logits, targets)`` (a scalar).
-        Returns the loss value (detached).
+        Refresh steps run one forward and ONE batched backward of the loss and the probe
+        cotangents (:meth:`RunningFisher.step`); the steps in between are a plain
+        ``loss.backward()``. ``loss=None`` is the mean cross-entropy; else
+        ``loss(logits, targets)`` (a scalar). Returns the loss value (detached).
         """
-        refresh = self.steps % self.refresh == 0
-        value, grads = self.fisher.step(self.model, None, inputs, targets, loss=loss, update=refresh)
-        if refresh:
+        if self.steps % self.refresh == 0:
+            value, grads = self.fisher.step(self.model, None, inputs, targets, loss=loss, update=True)
             self.curvature = Curvature.from_running(self.fisher)
             if self._lr_fn is not None:
                 for group in self.param_groups:
                     group["lr"] = float(self._lr_fn())
-        for name, p in zip(self.names, self.param_groups[0]["params"]):
-            g = grads[name]
-            p.grad = g.detach().clone() if p.grad is None else p.grad.copy_(g)
+            for name, p in zip(self.names, self.param_groups[0]["params"]):
+                p.grad = grads[name].detach()  # a fresh tensor from autograd: no copy needed
+        else:
+            value = self._plain_backward(inputs, targets, loss)
         self._last_loss = float(value)
         return value
+
+    def _plain_backward(self, inputs: Any, targets: Any, loss: Callable | None) -> torch.Tensor:
+        """A training step's forward and backward between refreshes, as torch.optim.SGD's would be
+        (batch-norm statistics frozen as on refresh steps, unused parameters get zero gradients)."""
+        params = self.param_groups[0]["params"]
+        for p in params:
+            p.grad = None
+        args, kwargs = call_args(inputs)
+        with torch.enable_grad(), frozen_statistics(self.model):
+            logits = logits_of(self.model(*args, **kwargs))
+            if loss is None:
+                z = logits.reshape(-1, logits.shape[-1])
+                if not isinstance(targets, torch.Tensor):
+                    targets = torch.as_tensor(np.asarray(targets), device=z.device)
+                if tuple(targets.shape) != (z.shape[0],):
+                    raise ValueError(f"targets: expected class indices of shape ({z.shape[0]},), "
+                                     f"got {tuple(targets.shape)}")
+                value = F.cross_entropy(z, targets)
+            else:
+                value = loss(logits, targets)
+            value.backward()
+        for p in params:
+            if p.grad is None:  # the logits do not depend on it (as RunningFisher.step: zeros)
+                p.grad = torch.zeros_like(p)
+        return value.detach()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -125,26 +158,37 @@ class NaturalGradient(torch.optim.Optimizer):
                                "(one forward + one batched backward) before step()")
         group = self.param_groups[0]
         params = group["params"]
-        grads = {}
+        grads = []
         for name, p in zip(self.names, params):
             if p.grad is None:
                 raise RuntimeError(f"step: parameter {name!r} has no gradient; call backward() first")
-            grads[name] = p.grad + group["weight_decay"] * p if group["weight_decay"] else p.grad
-        direction = precondition(grads, self.curvature, self.preconditioner, self.damping,
-                                 unit_solve=self.unit_solve, pinv=self.pinv, backend=self.fisher.backend)
+            grads.append(p.grad)
+        if group["weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        plan = self._plan
+        if plan is None or not plan.matches(self.curvature, self.damping):
+            # F̃ refreshed or λ changed: factorise once, then every step only applies it.
+            plan = self._plan = Preconditioner(self.curvature, self.preconditioner, self.damping,
+                                               unit_solve=self.unit_solve, pinv=self.pinv, inverse=_spd_inverse)
+        direction = plan.apply(grads)
         lr = group["lr"]
-        g_dot_d = float(sum(torch.sum(grads[n] * direction[n]) for n in self.names)) \
-            if (self.lm is not None or self.kl_clip is not None) else 0.0
+        g_dot_d = 0.0
+        if self.lm is not None or self.kl_clip is not None:  # one sync for all leaves
+            g_dot_d = float(torch.stack([torch.vdot(g.reshape(-1), d.reshape(-1))
+                                         for g, d in zip(grads, direction)]).sum())
         if self.kl_clip is not None and g_dot_d > 0:
             lr = lr * min(1.0, math.sqrt(self.kl_clip / (lr * lr * g_dot_d)))
-        for name, p in zip(self.names, params):
-            d = direction[name]
-            if group["momentum"]:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                d = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
-                state["momentum_buffer"] = d
-            p.add_(d, alpha=-lr)
+        if group["momentum"]:
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            if any(b is None for b in bufs):
+                bufs = [d.clone() for d in direction]
+                for p, b in zip(params, bufs):
+                    self.state[p]["momentum_buffer"] = b
+            else:
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, direction)
+            direction = bufs
+        torch._foreach_add_(params, direction, alpha=-lr)
         self.steps += 1
         out = None
         if closure is not None:
@@ -181,3 +225,12 @@ class NaturalGradient(torch.optim.Optimizer):
         lam = f"{self.damping:.3g}" if math.isfinite(self.damping) else str(self.damping)
         return (f"NaturalGradient(preconditioner={self.preconditioner!r}, lr={self.param_groups[0]['lr']:.3g}, "
                 f"damping={lam}, probes={self.fisher.probes}, decay={self.fisher.decay}, refresh={self.refresh})")
+
+
+def _spd_inverse(a: torch.Tensor) -> torch.Tensor:
+    """Inverses of damped Fisher blocks (..., S, S) by Cholesky (2.4× faster than torch.linalg.inv
+    on 64 blocks of 65² on a CPU); an LU inverse where a block is not numerically positive definite."""
+    L, info = torch.linalg.cholesky_ex(a)
+    if bool((info != 0).any()):
+        return torch.linalg.inv(a)
+    return torch.cholesky_inverse(L)

@@ -1,0 +1,256 @@
+"""Cached factorizations: (F̃ + λI)⁻¹ prepared once per refresh, applied to every step's gradient.
+
+Every structured solve of :func:`~fisherlib.natural.precondition` is linear in the gradient, so
+what depends on F̃ and λ only can be computed once when F̃ is refreshed or λ changes, and each
+step then only *applies* it:
+
+===========================  ======================================  ==============================
+kind                         prepared (per unit / leaf)              applied per step
+===========================  ======================================  ==============================
+``"diag"``                   D = F_ii + λ                            g / D
+``"ollivier"``               a, r (shaped like the weight), β         δ_w = a⊙g_w − r g_b,
+                                                                     δ_b = β g_b − ⟨r, g_w⟩
+``"quasidiag"``,             a, r, and per unit σ_b, σ_h, β, η, μ     h = ⟨r, g_w⟩, s = σ_b g_b + σ_h h,
+``"unitwise"`` (Woodbury)                                            δ_w = a⊙g_w − r s,
+                                                                     δ_b = β g_b + η s + μ h
+``"unitwise"`` (dense),      (F̃ + λI)⁻¹ (or its pseudo-inverse)      one batched mat-vec
+``"blocks"``
+===========================  ======================================  ==============================
+
+The coefficients are those of the closed forms in :mod:`fisherlib.natural._solve`, rearranged
+(e.g. Ollivier: a = D_b / (D_w D_b − c²), r = c / (D_w D_b − c²), β = (1 + Σ c r) / D_b), so the
+result equals :func:`~fisherlib.natural.precondition`'s to rounding. Array API only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from ..core._compat import array_namespace, device
+from ..estimators._running import from_units, to_units
+from . import _solve
+from ._precondition import DENSE_UNITS, KINDS, UNIT_SOLVES, Curvature
+
+Array = Any
+
+__all__ = ["Preconditioner"]
+
+
+class Preconditioner:
+    """(F̃ + λI)⁻¹ of a :class:`Curvature`, factorised once; :meth:`apply` maps gradient leaves to steps.
+
+    Parameters
+    ----------
+    curvature : Curvature
+        The Fisher terms (e.g. ``Curvature.from_running(rf)``).
+    kind, damping, unit_solve, pinv, rtol
+        As in :func:`~fisherlib.natural.precondition`, whose result :meth:`apply` reproduces (to
+        rounding) at a fraction of the per-step cost.
+    inverse : callable, optional
+        The inverse of a batch of symmetric positive definite matrices (..., S, S), for the dense
+        kinds without ``pinv``: a framework's faster routine (the torch optimizer passes a
+        Cholesky inverse, 2.4× faster than ``torch.linalg.inv`` on 64 blocks of 65²). Default:
+        the namespace's ``linalg.inv``.
+
+    Notes
+    -----
+    Cost: building does the solves' work that depends on F̃ and λ only (O(n) per unit for the
+    diagonal, quasi-diagonal, Ollivier and Woodbury kinds; an O(S³) inverse per dense block);
+    :meth:`apply` costs a few elementwise operations per leaf (O(P)), or one batched mat-vec
+    (O(S²) per unit, O(P_l²) per block). Build a new one when F̃ is refreshed or λ changes
+    (:meth:`matches` tells). A dense block is solved (as :func:`~fisherlib.natural.dense`) on
+    the first :meth:`apply` and inverted on the second, so a factorisation used once costs no
+    more than the fresh solve. The explicit inverse is as accurate as a solve up to a factor of
+    the block's condition number, which λ bounds by (‖F̃‖ + λ) / λ.
+    """
+
+    def __init__(self, curvature: Curvature, kind: str = "diag", damping: float = 1e-3, *,
+                 unit_solve: str = "auto", pinv: bool = False, rtol: float | None = None,
+                 inverse: Callable[[Array], Array] | None = None):
+        if unit_solve not in UNIT_SOLVES:
+            raise ValueError(f"unit_solve: expected one of {UNIT_SOLVES}, got {unit_solve!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+        if not isinstance(curvature, Curvature):
+            raise TypeError(f"curvature: expected a Curvature, got {type(curvature).__name__}")
+        lam = _solve._check_damping(damping)
+        self.curvature, self.kind, self.damping = curvature, kind, lam
+        self.unit_solve, self.pinv, self.rtol, self._inverse = unit_solve, pinv, rtol, inverse
+        lay = curvature.layout
+        self.names = tuple(lay.names)
+        # One entry per leaf or unit: (op, leaf indices, prepared arrays); leaves no op covers
+        # get the diagonal.
+        self._ops: list[tuple] = []
+        covered: set[int] = set()
+        if kind == "blocks":
+            for i, name in enumerate(lay.names):
+                blk = curvature.terms.get(f"block:{name}")
+                if blk is None:
+                    raise ValueError(f"curvature: kind='blocks' needs dense per-leaf blocks; leaf {name!r} has "
+                                     "none (use RunningFisher('blocks') or fisher(structure='blocks'))")
+                self._ops.append(["block", i, _damped(blk, lam), 0])
+                covered.add(i)
+        elif kind != "diag":
+            for u in lay.units:
+                blk = curvature._unit_block(u)
+                fast = unit_solve == "woodbury" or (unit_solve == "auto" and (blk is None or u.size > DENSE_UNITS))
+                if kind == "unitwise" and not fast:
+                    if blk is None:
+                        raise ValueError(f"curvature: unit_solve='dense' needs unit blocks; {u.name!r} has none "
+                                         "(use RunningFisher('unitwise'), or unit_solve='woodbury')")
+                    self._ops.append(["unit", u, _damped(blk, lam), 0])
+                    covered.update(i for i in (u.weight, u.bias) if i is not None)
+                    continue
+                if u.bias is None:
+                    continue
+                c = curvature.cross(u)
+                if c is None:
+                    raise ValueError(f"curvature: kind={kind!r} needs bias–weight terms; {u.name!r} has none "
+                                     "(use RunningFisher with structure 'quasidiag' or 'unitwise')")
+                dw = to_units(u, curvature.diag(u.weight), None)
+                db = curvature.diag(u.bias)
+                coef = {"ollivier": _ollivier, "quasidiag": _quasidiag, "unitwise": _woodbury}[kind](dw, db, c, lam)
+                self._ops.append(_unit_op(u, lay.shapes[u.weight], coef))
+                covered.update((u.weight, u.bias))
+        for i, name in enumerate(lay.names):
+            if i not in covered:
+                self._ops.append(("diag", i, curvature.diag(i) + lam))
+
+    def matches(self, curvature: Curvature, damping: float) -> bool:
+        """Whether this factorisation is of ``curvature`` (the same object) and ``damping``."""
+        return curvature is self.curvature and float(damping) == self.damping
+
+    def apply(self, grads: Sequence[Array]) -> list[Array]:
+        """The steps (F̃ + λI)⁻¹ g for gradient leaves ``grads`` in the layout's order."""
+        if len(grads) != len(self.names):
+            raise ValueError(f"grads: expected {len(self.names)} leaves ({list(self.names)}), got {len(grads)}")
+        out: list[Array | None] = [None] * len(grads)
+        for op in self._ops:
+            tag = op[0]
+            if tag == "diag":
+                _, i, D = op
+                out[i] = grads[i] / D
+            elif tag == "ollivier":
+                _, u, axes, bshape, a, r, beta = op
+                gw, gb = grads[u.weight], grads[u.bias]
+                xp = array_namespace(gw)
+                out[u.weight] = a * gw - r * xp.reshape(gb, bshape)
+                out[u.bias] = beta * gb - xp.sum(r * gw, axis=axes)
+            elif tag == "general":
+                _, u, axes, bshape, a, r, (sb, sh, beta, eta, mu) = op
+                gw, gb = grads[u.weight], grads[u.bias]
+                xp = array_namespace(gw)
+                h = xp.sum(r * gw, axis=axes)
+                s = sb * gb + sh * h
+                out[u.weight] = a * gw - r * xp.reshape(s, bshape)
+                if beta is None:  # the arrowhead form: δ_b = s
+                    out[u.bias] = s
+                else:
+                    db = beta * gb + eta * s
+                    out[u.bias] = db if mu is None else db + mu * h
+            elif tag == "unit":
+                u = op[1]
+                gb = None if u.bias is None else grads[u.bias]
+                v = self._dense(op, to_units(u, grads[u.weight], gb))
+                out[u.weight], b = from_units(u, v, tuple(grads[u.weight].shape))
+                if u.bias is not None:
+                    out[u.bias] = b
+            else:  # "block"
+                i, g = op[1], grads[op[1]]
+                xp = array_namespace(g)
+                out[i] = xp.reshape(self._dense(op, xp.reshape(g, (-1,))), tuple(g.shape))
+        return out
+
+    def _dense(self, op: list, v: Array) -> Array:
+        """A⁻¹ v for op = [tag, leaf, A or its inverse, uses so far]: a solve on the first use, as
+        precondition() does; from the second on, the (pseudo-)inverse, computed once."""
+        xp = array_namespace(v)
+        op[3] += 1
+        if op[3] == 1 and not self.pinv:
+            return xp.linalg.solve(op[2], v[..., None])[..., 0]
+        if op[3] <= 2:
+            a = op[2]
+            if self.pinv:
+                op[2] = xp.linalg.pinv(a) if self.rtol is None else xp.linalg.pinv(a, rtol=self.rtol)
+            else:
+                op[2] = self._inverse(a) if self._inverse is not None else xp.linalg.inv(a)
+            op[3] = 2
+        # A mat-vec as a product and a sum: batched matmuls of small blocks are slower on a CPU.
+        return xp.sum(op[2] * v[..., None, :], axis=-1)
+
+    def __repr__(self) -> str:
+        return f"Preconditioner(kind={self.kind!r}, damping={self.damping:.3g}, leaves={len(self.names)})"
+
+
+def _damped(block: Array, lam: float) -> Array:
+    """sym(F) + λI: the matrix :func:`~fisherlib.natural.dense` solves."""
+    xp = array_namespace(block)
+    S = block.shape[-1]
+    return (block + xp.matrix_transpose(block)) / 2 + lam * xp.eye(S, dtype=block.dtype, device=device(block))
+
+
+def _unit_op(u, shape: tuple[int, ...], coef: tuple) -> tuple:
+    """The weight-shaped coefficients of a unit, with the axes to sum over and the bias's broadcast shape."""
+    tag, a, r, scalars = coef
+    a, _ = from_units(u, a, shape, bias=False)
+    r, _ = from_units(u, r, shape, bias=False)
+    nd = len(shape)
+    if u.axis == 0:  # (U, in, ...): sum over the trailing axes; the bias broadcasts as (U, 1, ...)
+        axes, bshape = tuple(range(1, nd)), (u.units,) + (1,) * (nd - 1)
+    else:  # (..., in, U): sum over the leading axes; the bias broadcasts as is
+        axes, bshape = tuple(range(nd - 1)), (u.units,)
+    return (tag, u, axes, bshape, a, r, scalars)
+
+
+def _ollivier(dw, db, c, lam):
+    """Ollivier: δ_w = a g_w − r g_b, δ_b = β g_b − ⟨r, g_w⟩ (expanded from :func:`_solve.ollivier`)."""
+    xp = array_namespace(dw, db, c)
+    Dw, Db = dw + lam, (db + lam)[..., None]
+    den = Dw * Db - c * c
+    r = c / den
+    return "ollivier", Db / den, r, (1 + xp.sum(c * r, axis=-1)) / Db[..., 0]
+
+
+def _arrowhead_coef(dw, db, c, lam):
+    """Arrowhead: s = (g_b − h) / schur, δ_w = g_w / D_w − r s, δ_b = s; r = c / D_w."""
+    xp = array_namespace(dw, db, c)
+    Dw = dw + lam
+    r = c / Dw
+    inv_schur = 1 / (db + lam - xp.sum(c * r, axis=-1))
+    return 1 / Dw, r, inv_schur, -inv_schur
+
+
+def _quasidiag(dw, db, c, lam):
+    """The arrowhead solve where it is positive definite, Ollivier's step elsewhere (as precondition())."""
+    xp = array_namespace(dw, db, c)
+    ok = _solve.arrowhead_definite(dw, db, c, lam)
+    a1, r1, sb, sh = _arrowhead_coef(dw, db, c, lam)
+    _, a2, r2, beta2 = _ollivier(dw, db, c, lam)
+    zero, one = xp.zeros_like(sb), xp.ones_like(sb)
+    try:
+        definite = bool(xp.all(ok))
+    except Exception:  # noqa: BLE001 - a traced array (under jit) has no truth value: the mixed form
+        definite = False
+    if definite:  # every unit definite: the arrowhead form alone
+        return "general", a1, r1, (sb, sh, None, None, None)
+    # Ollivier in the general form: s = g_b, δ_w = a g_w − r s, δ_b = β g_b − h.
+    okw = ok[..., None]
+    return "general", xp.where(okw, a1, a2), xp.where(okw, r1, r2), (
+        xp.where(ok, sb, one), xp.where(ok, sh, zero), xp.where(ok, zero, beta2), xp.where(ok, one, zero),
+        xp.where(ok, zero, -one))
+
+
+def _woodbury(dw, db, c, lam):
+    """Woodbury (see :func:`_solve.woodbury`): s = κ(h + e g_b), δ_w = g_w / D_w' − r s, δ_b = g_b/λ − e s."""
+    if lam <= 0:
+        raise ValueError(f"damping: the Woodbury unit solve needs damping > 0, got {lam!r}")
+    xp = array_namespace(dw, db, c)
+    live = db > 0
+    f = xp.where(live, db, xp.ones_like(db))
+    ab = xp.where(live, db, xp.zeros_like(db))
+    c = xp.where(live[..., None], c, xp.zeros_like(c))
+    Dw = dw + lam - c * c / f[..., None]
+    r = c / Dw
+    e = ab / lam
+    kappa = 1 / (f + xp.sum(c * r, axis=-1) + ab * e)
+    return "general", 1 / Dw, r, (kappa * e, kappa, xp.full_like(db, 1 / lam), -e, None)
