@@ -144,3 +144,74 @@ def test_levenberg_marquardt_and_lr_from_lambda_max():
     with pytest.raises(ValueError, match="factor"):
         LevenbergMarquardt(factor=1.0)
     np.testing.assert_equal(lm.state_dict()["damping"], 2.0)
+
+
+@pytest.mark.parametrize("kind", ["ollivier", "unitwise", "quasidiag"])
+def test_steps_between_refreshes_apply_the_cached_factorisation(kind):
+    """Steps 2..k of a refresh interval: a plain backward (the same gradient as the probing
+    one) and the cached (F̃ + λI)⁻¹, equal to a fresh precondition() of the same estimate."""
+    m, (x, y) = _net(), _data()
+    opt = NaturalGradient(m, lr=0.05, preconditioner=kind, damping=0.1, refresh=3, kl_clip=None, seed=2)
+    ref = copy.deepcopy(m)
+    rf = RunningFisher(opt.fisher.structure, probes=1, seed=2)
+    _, g_probe = rf.step(ref, None, x, y)
+    for t in range(3):
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        opt.backward(x, y)
+        g = {n: p.grad.clone() for n, p in m.named_parameters()}
+        if t == 0:  # the probing backward's gradient is the plain one (same parameters)
+            for n in g:
+                torch.testing.assert_close(g[n], g_probe[n], rtol=1e-12, atol=1e-14)
+        else:  # a plain backward: torch's own gradient
+            m.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            for n, p in m.named_parameters():
+                torch.testing.assert_close(g[n], p.grad, rtol=1e-12, atol=1e-15)
+                p.grad = g[n]
+        curv = opt.curvature
+        opt.step()
+        assert opt.fisher.steps == 1 and opt.curvature is curv
+        d = precondition(g, curv, kind, 0.1)
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p.detach(), before[n] - 0.05 * d[n], rtol=1e-10, atol=1e-13)
+
+
+def test_a_changed_damping_rebuilds_the_factorisation():
+    m, (x, y) = _net(), _data()
+    opt = NaturalGradient(m, lr=0.05, preconditioner="ollivier", damping=0.1, refresh=10, kl_clip=None)
+    opt.backward(x, y)
+    opt.step()
+    plan = opt._plan
+    opt.backward(x, y)
+    opt.step()
+    assert opt._plan is plan  # same F̃, same λ: reused
+    opt.damping = 0.5  # as Levenberg–Marquardt does
+    g = {n: p.grad.clone() for n, p in m.named_parameters()}
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt.step()
+    assert opt._plan is not plan and opt._plan.damping == 0.5
+    d = precondition(g, opt.curvature, "ollivier", 0.5)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n] - 0.05 * d[n], rtol=1e-10, atol=1e-13)
+
+
+def test_plain_backward_gives_unused_parameters_zero_gradients_and_checks_targets():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = _net(), torch.nn.Linear(2, 2).double()
+
+        def forward(self, x):
+            return self.used(x)
+
+    net, (x, y) = Net(), _data()
+    opt = NaturalGradient(net, lr=0.05, refresh=2)
+    for _ in range(2):
+        opt.backward(x, y)
+        assert all(p.grad is not None and (n.startswith("used") or not p.grad.any())
+                   for n, p in net.named_parameters())
+        opt.step()
+    opt.backward(x, y.numpy())  # a refresh step takes class indices of any array kind
+    opt.step()
+    with pytest.raises(ValueError, match="targets"):
+        opt.backward(x, y[:-1].numpy())  # and so does a plain one, checked the same way
