@@ -7,6 +7,8 @@ Methods (torch, batch 64, the same batches for every method of a seed):
   step g / (v + λ) (FAdam's reading of Adam, without Adam's square root), same KL clip;
 - **fisherlib diag / quasidiag / ollivier / unitwise**: ``fisherlib.natural.NaturalGradient``
   with one Hutchinson probe per step from the training step's own backward (true Fisher);
+  "r=k": probes and a refreshed F̃ every k steps only (``refresh=k``), a plain backward and the
+  cached factorisation of F̃ + λI on the steps between;
 - **K-FAC (nngeometry)**: ``PMatKFAC`` of the current batch (closed-form expectation over the C
   classes) every 10 steps, its damped Kronecker solve every step (nngeometry's formula, with a
   float64 ``solve`` in place of its ``lstsq``, which fails inside MKL here). kfac-jax is not run: it is
@@ -146,6 +148,10 @@ GRIDS = {
     "fisherlib quasidiag": [(0.03, 1e-3), (0.1, 1e-3), (0.1, 1e-2)],
     "fisherlib ollivier": [(0.03, 1e-3), (0.1, 1e-3), (0.1, 1e-2)],
     "fisherlib unitwise": [(0.03, 1e-3), (0.1, 1e-3), (0.1, 1e-2)],
+    # Probes every 5 or 10 steps; the steps between apply the cached (F̃ + λI)⁻¹ after a plain backward.
+    "fisherlib ollivier r=5": [(0.03, 1e-3), (0.1, 1e-3), (0.1, 1e-2)],
+    "fisherlib ollivier r=10": [(0.03, 1e-3), (0.1, 1e-3), (0.1, 1e-2)],
+    "fisherlib unitwise r=10": [(0.03, 1e-3), (0.1, 1e-3), (0.1, 1e-2)],
     # K-FAC's λ splits as √λ·π and √λ/π over its two factors: a wider range of it.
     "K-FAC (nngeometry)": [(0.03, 1e-3), (0.03, 1e-2), (0.1, 1e-2), (0.1, 1e-1)],
 }
@@ -169,7 +175,9 @@ def run(method, kind, setting, seed, steps, eval_every, split):
     elif method == "EF diag":
         opt = EFDiag(net, lr, lam)
     elif method.startswith("fisherlib"):
-        opt = NaturalGradient(net, lr=lr, preconditioner=method.split()[1], damping=lam, kl_clip=1e-2, seed=seed)
+        _, kind_, *rest = method.split()
+        refresh = int(rest[0].removeprefix("r=")) if rest else 1
+        opt = NaturalGradient(net, lr=lr, preconditioner=kind_, damping=lam, kl_clip=1e-2, refresh=refresh, seed=seed)
     else:
         opt = KFAC(net, lr, lam)
     rng = np.random.default_rng(seed)
@@ -306,7 +314,7 @@ def plot(curves, target_loss, quick):
             steps = runs[0][0]
             loss = np.median(np.array([r[1] for r in runs]), axis=0)
             ax.plot(steps, loss, label=method, lw=2 if method.startswith("fisherlib") else 1.2,
-                    ls="-" if method.startswith("fisherlib") else "--")
+                    ls=("-." if " r=" in method else "-") if method.startswith("fisherlib") else "--")
         ax.axhline(target_loss, color="grey", lw=0.8, ls=":")
         ax.set_yscale("log")
         ax.set_xlabel("step (batch 64)")

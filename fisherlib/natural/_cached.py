@@ -78,6 +78,7 @@ class Preconditioner:
         self.unit_solve, self.pinv, self.rtol, self._inverse = unit_solve, pinv, rtol, inverse
         lay = curvature.layout
         self.names = tuple(lay.names)
+        self._xp = array_namespace(*curvature.terms.values())  # once: it costs µs per call
         # One entry per leaf or unit: (op, leaf indices, prepared arrays); leaves no op covers
         # get the diagonal.
         self._ops: list[tuple] = []
@@ -125,6 +126,7 @@ class Preconditioner:
         if len(grads) != len(self.names):
             raise ValueError(f"grads: expected {len(self.names)} leaves ({list(self.names)}), got {len(grads)}")
         out: list[Array | None] = [None] * len(grads)
+        xp = self._xp
         for op in self._ops:
             tag = op[0]
             if tag == "diag":
@@ -133,13 +135,11 @@ class Preconditioner:
             elif tag == "ollivier":
                 _, u, axes, bshape, a, r, beta = op
                 gw, gb = grads[u.weight], grads[u.bias]
-                xp = array_namespace(gw)
                 out[u.weight] = a * gw - r * xp.reshape(gb, bshape)
                 out[u.bias] = beta * gb - xp.sum(r * gw, axis=axes)
             elif tag == "general":
                 _, u, axes, bshape, a, r, (sb, sh, beta, eta, mu) = op
                 gw, gb = grads[u.weight], grads[u.bias]
-                xp = array_namespace(gw)
                 h = xp.sum(r * gw, axis=axes)
                 s = sb * gb + sh * h
                 out[u.weight] = a * gw - r * xp.reshape(s, bshape)
@@ -157,14 +157,13 @@ class Preconditioner:
                     out[u.bias] = b
             else:  # "block"
                 i, g = op[1], grads[op[1]]
-                xp = array_namespace(g)
                 out[i] = xp.reshape(self._dense(op, xp.reshape(g, (-1,))), tuple(g.shape))
         return out
 
     def _dense(self, op: list, v: Array) -> Array:
         """A⁻¹ v for op = [tag, leaf, A or its inverse, uses so far]: a solve on the first use, as
         precondition() does; from the second on, the (pseudo-)inverse, computed once."""
-        xp = array_namespace(v)
+        xp = self._xp
         op[3] += 1
         if op[3] == 1 and not self.pinv:
             return xp.linalg.solve(op[2], v[..., None])[..., 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -98,6 +99,9 @@ class NaturalGradient(torch.optim.Optimizer):
         self.curvature: Curvature | None = None
         self._plan: Preconditioner | None = None  # (F̃ + λI)⁻¹ prepared for self.curvature and self.damping
         self.steps = 0
+        # Batch norm's statistics stay frozen on every step, as RunningFisher.step keeps them;
+        # looked up once, since walking the modules costs a plain step ~10 µs.
+        self._batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self._last_loss: float | None = None
 
     def backward(self, inputs: Any, targets: Any, loss: Callable | None = None) -> torch.Tensor:
@@ -128,7 +132,7 @@ class NaturalGradient(torch.optim.Optimizer):
         for p in params:
             p.grad = None
         args, kwargs = call_args(inputs)
-        with torch.enable_grad(), frozen_statistics(self.model):
+        with torch.enable_grad(), (frozen_statistics(self.model) if self._batchnorm else contextlib.nullcontext()):
             logits = logits_of(self.model(*args, **kwargs))
             if loss is None:
                 z = logits.reshape(-1, logits.shape[-1])
@@ -173,9 +177,8 @@ class NaturalGradient(torch.optim.Optimizer):
         direction = plan.apply(grads)
         lr = group["lr"]
         g_dot_d = 0.0
-        if self.lm is not None or self.kl_clip is not None:  # one sync for all leaves
-            g_dot_d = float(torch.stack([torch.vdot(g.reshape(-1), d.reshape(-1))
-                                         for g, d in zip(grads, direction)]).sum())
+        if self.lm is not None or self.kl_clip is not None:  # fastest of the ways tried on a CPU
+            g_dot_d = sum(x.sum().item() for x in torch._foreach_mul(grads, direction))
         if self.kl_clip is not None and g_dot_d > 0:
             lr = lr * min(1.0, math.sqrt(self.kl_clip / (lr * lr * g_dot_d)))
         if group["momentum"]:

@@ -35,7 +35,7 @@ def test_cached_application_equals_the_fresh_solve(xp, case, kind, structure, un
         for n, v in zip(lay.names, got):
             assert tuple(v.shape) == tuple(g[n].shape)
             np.testing.assert_allclose(to_numpy(v), to_numpy(fresh[n]), rtol=1e-10, atol=1e-12)
-    if unit_solve != "woodbury" and kind != "ollivier":  # the same damped matrix, densely (AKO kinds: test_precondition)
+    if unit_solve != "woodbury" and kind != "ollivier":  # dense reference (AKO kinds: test_precondition)
         A = _structured(F, kind, idx, unit_idx, lay.names) + lam * np.eye(F.shape[0])
         ref = np.linalg.solve(A, _flat(g, idx, F.shape[0]))
         np.testing.assert_allclose(_flat(dict(zip(lay.names, map(to_numpy, got))), idx, F.shape[0]), ref,
