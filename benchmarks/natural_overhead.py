@@ -13,6 +13,9 @@ On the models of ``benchmarks/estimators.py`` (MLP 784-512-512-10 with 128 input
   pulled back in one ``is_grads_batched`` call (torch's ``vmap`` of the backward);
 - **(no stderr)**: batched, keeping no second moments (``stderr=False``, what the optimizers
   use);
+- **floor**: the model's forward and two ``autograd.grad`` calls of ready-made cotangents on
+  its graph, with no cotangent or update work: the least any "step + 1 probe" can cost, since a
+  second cotangent doubles the backward (each backward's weight and input gradients);
 - **standalone probe**: ``fisherlib.fisher(model, params, x, probes=1)`` — its own forward and
   one VJP (aim ≤ 1.05×);
 - **adapter only**: ``linearize`` + one ``vjp`` of a fixed cotangent — what the standalone probe
@@ -73,13 +76,19 @@ def rows(quick: bool, repeats: int) -> list[dict]:
             fisherlib.fisher(model, pdict, x, probes=1)
 
         ct = torch.randn(1, n, classes)
+        ct2 = torch.randn(2, n, classes)
+
+        def floor():
+            out = model(x)
+            torch.autograd.grad(out, params, ct2[0], retain_graph=True)
+            torch.autograd.grad(out, params, ct2[1])
 
         def adapter():
             z, vjp = be.linearize(model, pdict, x)
             vjp(ct)
 
         t = median_times({"train": train, "probe_step": probe_step, "batched": probe_step_batched,
-                          "lean": probe_step_lean,
+                          "lean": probe_step_lean, "floor": floor,
                           "standalone": standalone, "adapter": adapter}, repeats, warmup=2)
         out.append({"setting": label, **{k: v for k, v in t.items()}})
         print(f"  {label}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()), file=sys.stderr)
@@ -87,11 +96,11 @@ def rows(quick: bool, repeats: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| setting | train step (ms) | step + 1 probe | (batched) | (no stderr) | standalone probe | "
-             "adapter only |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | train step (ms) | step + 1 probe | (batched) | (no stderr) | floor | standalone probe | "
+             "adapter only |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["train"]
-        lines.append(f"| {r['setting']} | {t * 1e3:.2f} | {r['probe_step'] / t:.2f}× | {r['batched'] / t:.2f}× | {r['lean'] / t:.2f}× | "
+        lines.append(f"| {r['setting']} | {t * 1e3:.2f} | {r['probe_step'] / t:.2f}× | {r['batched'] / t:.2f}× | {r['lean'] / t:.2f}× | {r['floor'] / t:.2f}× | "
                      f"{r['standalone'] / t:.2f}× | {r['adapter'] / t:.2f}× |")
     return "\n".join(lines)
 
@@ -106,8 +115,10 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (5 if args.quick else 21)
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
     print(f"# Fisher in the training loop: torch {torch.__version__}, {args.threads} threads, "
-          f"{platform.machine()}, load {os.getloadavg()[0]:.1f}; medians of {repeats} interleaved repeats\n")
+          f"{platform.machine()}, load {os.getloadavg()[0]:.1f}, allocator settings {malloc or 'default'}; "
+          f"medians of {repeats} interleaved repeats\n")
     print(table(rows(args.quick, repeats)))
 
 

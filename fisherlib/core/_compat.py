@@ -106,11 +106,12 @@ def logits_problem(z: Array, xp, *, softmax: bool = True, finite: bool = False) 
     ``min``).
     """
     top = xp.max(z, axis=-1)
-    if bool(xp.any(xp.isnan(top))):
-        return "contains NaN"
-    if bool(xp.any(top == xp.inf)):
-        return "contains +inf; only -inf (a class of probability 0) is allowed"
-    if softmax and bool(xp.any(top == -xp.inf)):
+    ok = xp.isfinite(top) if softmax else ~xp.isnan(top) & (top != xp.inf)
+    if not bool(xp.all(ok)):  # one device sync for well-formed logits; which problem, only if any
+        if bool(xp.any(xp.isnan(top))):
+            return "contains NaN"
+        if bool(xp.any(top == xp.inf)):
+            return "contains +inf; only -inf (a class of probability 0) is allowed"
         return "a row has every logit equal to -inf, so no class has positive probability"
     if finite and bool(xp.any(xp.min(z, axis=-1) == -xp.inf)):
         return "contains -inf"

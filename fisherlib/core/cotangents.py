@@ -28,7 +28,8 @@ from ._lib import log_sigmoid, log_softmax, restore
 
 Array = Any
 
-__all__ = ["column_source", "cross_entropy_and_hutchinson", "exact_columns", "hutchinson", "label_residual", "lower_bound", "sample_labels", "upper_bound"]
+__all__ = ["column_source", "cross_entropy_and_hutchinson", "exact_columns", "hutchinson", "label_residual",
+           "lower_bound", "sample_labels", "training_cotangents", "upper_bound"]
 
 LIKELIHOODS = ("softmax", "sigmoid")
 
@@ -192,6 +193,16 @@ def cross_entropy_and_hutchinson(z: Array, y: Array, xi: Array) -> tuple[Array, 
     a confident input its absolute error is ε, not its relative error (which
     :func:`~fisherlib.core._lib.log_softmax` keeps for the exact Fisher's p(1 − p)).
     """
+    xp = namespace_of(z=z, xi=xi)
+    loss, ct, hut = training_cotangents(z, y, xi)
+    return loss, xp.concat([ct[None, ...], hut], axis=0)
+
+
+def training_cotangents(z: Array, y: Array, xi: Array) -> tuple[Array, Array, Array]:
+    """:func:`cross_entropy_and_hutchinson` unstacked: (loss, ∂L/∂z (N, C), B(p̃)ξ (K, N, C)).
+
+    For a caller that pulls the rows back one call each: it never needs the (1 + K, N, C) stack.
+    """
     xp, zw, dtype = check_logits(z)
     N, C = zw.shape
     dev = device(zw)
@@ -207,4 +218,4 @@ def cross_entropy_and_hutchinson(z: Array, y: Array, xi: Array) -> tuple[Array, 
     ct *= 1.0 / N
     hut = xp.sqrt(p) * (xp.astype(xi, p.dtype) if xi.dtype != p.dtype else xi)  # √p ⊙ ξ_k
     hut -= p * xp.sum(hut, axis=-1, keepdims=True)
-    return restore(loss, dtype, xp=xp), restore(xp.concat([ct[None, ...], hut], axis=0), dtype, xp=xp)
+    return restore(loss, dtype, xp=xp), restore(ct, dtype, xp=xp), restore(hut, dtype, xp=xp)

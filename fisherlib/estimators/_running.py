@@ -148,6 +148,26 @@ def fold(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], n: int, deca
     return out
 
 
+def fold_scaled(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], *, gain: float, own_rows: bool) -> None:
+    """Eager in-place form of :func:`fold` for moments kept in a shrinking unit u (m = M·u, s = S·u).
+
+    With u' = β u and the rows' gradients already multiplied by σ = √(α / (n K u')), the update
+    m ← β m + (α/(nK)) Σ_k q_k becomes M ← M + Σ_k q'_k (q' = σ² q, the terms of the scaled
+    gradients), and s ← β s + (α/(n²K)) Σ_k q_k² becomes S ← S + ``gain`` Σ_k q'_k² with
+    gain = K u'/α: no pass to decay the state, none to weight the terms. The caller folds σ into
+    the cotangents and renormalises (M, S ← M u, S u; u ← 1) before u underflows.
+    """
+    for key in sorted(lay.keys, key=lambda k: k.startswith("diag:")):  # diagonal terms last (see fold)
+        M, S = state["m"][key], state.get("s", {}).get(key)
+        for gs in rows:
+            q = _term(lay, key, gs, overwrite=own_rows)
+            M += q
+            if S is not None:
+                q *= q
+                q *= gain
+                S += q
+
+
 def _decayed(old: Array, beta: float, inplace: bool) -> Array:
     """β·old: in place when asked, else a new array (one the caller can add to in place)."""
     if inplace:
@@ -157,14 +177,14 @@ def _decayed(old: Array, beta: float, inplace: bool) -> Array:
     return beta * old if beta != 1.0 else old + 0.0
 
 
-def state_value(state: dict) -> dict[str, Array]:
-    """The estimate m / W of every term (zeros before the first step)."""
+def state_value(state: dict, unit: float = 1.0) -> dict[str, Array]:
+    """The estimate m / W of every term (zeros before the first step); m = M·``unit``."""
     w = state["w"]
-    return {k: v / (w + (w == 0)) for k, v in state["m"].items()}
+    return {k: v * (unit / (w + (w == 0))) for k, v in state["m"].items()}
 
 
-def state_stderr(state: dict, probes: int) -> dict[str, Array]:
-    """The standard error of every term (see the module's notes)."""
+def state_stderr(state: dict, probes: int, unit: float = 1.0) -> dict[str, Array]:
+    """The standard error of every term (see the module's notes); m = M·``unit``, s = S·``unit``."""
     if "s" not in state:
         raise ValueError("stderr: this running estimate keeps no second moments (made with stderr=False)")
     w, w2 = state["w"], state["w2"]
@@ -172,8 +192,8 @@ def state_stderr(state: dict, probes: int) -> dict[str, Array]:
     for k, m in state["m"].items():
         xp = array_namespace(m)
         safe = w + (w == 0)
-        mean = m / safe
-        var = xp.clip(state["s"][k] / safe - mean * mean, min=0.0)
+        mean = m * (unit / safe)
+        var = xp.clip(state["s"][k] * (unit / safe) - mean * mean, min=0.0)
         out[k] = xp.sqrt(var * w2 / (safe * safe) / probes)
     return out
 
@@ -237,6 +257,7 @@ class RunningFisher:
         self.backend, self.keep_stderr = backend, bool(stderr)
         self.layout: Layout | None = None
         self.state: dict | None = None
+        self._unit = 1.0  # eager state: m = M·unit, s = S·unit (fold_scaled)
 
     # -- the training step --------------------------------------------------------------------
 
@@ -269,22 +290,26 @@ class RunningFisher:
             return value, vjp(xp.reshape(ct_loss, tuple(logits.shape)))
         N, C = z.shape
         xi = be.probes(_step_seed(self.seed, self.steps), (self.probes, N, C), self.dist, like=z)
-        if loss is None:  # loss and probe cotangents from one log-softmax
-            value, cts = self._fn(be, "train", cotangents.cross_entropy_and_hutchinson)(z, y, xi)
+        if loss is None:  # loss and probe cotangents from one softmax
+            value, ct_loss, hut = self._fn(be, "train", cotangents.training_cotangents)(z, y, xi)
         else:
-            cts = self._fn(be, "stack", _stack)(z, ct_loss, xi)
+            hut = self._fn(be, "probe", cotangents.hutchinson)(z, xi)
+        eager = getattr(be, "compile", None) is None
+        if eager:  # the EMA's weights ride on the probe cotangents (fold_scaled)
+            hut *= self._scale(N)
         shape = tuple(logits.shape)
         batched = getattr(be, "batched", None)
         if batched is None or batched(z):  # one call for the 1 + K rows: leaves (1 + K, *leaf)
+            cts = xp.concat([ct_loss[None, ...], hut], axis=0)
             pulled = vjp(xp.reshape(cts, (self.probes + 1, *shape)))
             named = be.leaves(pulled)
             grads = be.unflatten(pulled, [g[0, ...] for _, g in named])
             probes = {"stacked": [g[1:, ...] for _, g in named]}
         else:  # a call per row, never stacking P-sized results
-            pulled = [vjp(xp.reshape(cts[k, ...], shape)) for k in range(self.probes + 1)]
+            pulled = [vjp(xp.reshape(ct, shape)) for ct in [ct_loss] + [hut[k, ...] for k in range(self.probes)]]
             grads, named = pulled[0], be.leaves(pulled[0])
             probes = {"rows": [[g for _, g in be.leaves(t)] for t in pulled[1:]]}
-        self._fold([name for name, _ in named], N, be, owned=getattr(be, "vjp_fresh", False), **probes)
+        self._fold([name for name, _ in named], N, be, owned=getattr(be, "vjp_fresh", False), scaled=eager, **probes)
         return value, grads
 
     def _fn(self, be, key, fn):
@@ -299,8 +324,23 @@ class RunningFisher:
         """Fold one step's probe gradients (K, *leaf) over ``n`` inputs into the estimate."""
         self._fold(names, n, backend, stacked=list(probe_grads), owned=False)
 
-    def _fold(self, names, n, backend, *, rows=None, stacked=None, owned=True):
-        """Fold K probes, given as ``rows`` (K lists of leaves) or ``stacked`` leaves (K, *leaf)."""
+    def _weights(self) -> tuple[float, float]:
+        return (1.0, 1.0) if self.decay is None else (float(self.decay), 1.0 - float(self.decay))
+
+    def _scale(self, n: int) -> float:
+        """σ = √(α / (n K u')) for the next step's probes, u' = β u; renormalises M, S first when
+        u gets small (one pass over the state every ~log(10⁶)/log(1/β) steps)."""
+        beta, alpha = self._weights()
+        if self._unit < 1e-6 and self.state is not None:
+            for part in ("m", "s"):
+                for v in self.state.get(part, {}).values():
+                    v *= self._unit
+            self._unit = 1.0
+        return math.sqrt(alpha / (n * self.probes * self._unit * beta))
+
+    def _fold(self, names, n, backend, *, rows=None, stacked=None, owned=True, scaled=False):
+        """Fold K probes, given as ``rows`` (K lists of leaves) or ``stacked`` leaves (K, *leaf);
+        ``scaled``: their cotangents were multiplied by :meth:`_scale`'s σ."""
         if self.layout is None:
             shapes = [tuple(g.shape) for g in rows[0]] if rows is not None else [tuple(g.shape[1:]) for g in stacked]
             self.layout = layout(names, shapes, self.structure)
@@ -309,7 +349,15 @@ class RunningFisher:
         comp = getattr(backend, "compile", None) if backend is not None else None
         if comp is None:  # eager: the state (ours) updated in place, and the probes too when ours
             rows = rows if rows is not None else _rows(stacked)
-            self.state = fold(lay, self.state, rows, n, decay, inplace=True, own_rows=owned)
+            if not scaled:
+                sigma = self._scale(n)
+                rows, owned = [[g * sigma for g in gs] for gs in rows], True
+            beta, alpha = self._weights()
+            unit = self._unit * beta
+            fold_scaled(lay, self.state, rows, gain=len(rows) * unit / alpha, own_rows=owned)
+            st = self.state
+            st.update(w=beta * st["w"] + alpha, w2=beta * beta * st["w2"] + alpha * alpha, t=st["t"] + 1)
+            self._unit = unit
             return
         key = ("update", n, "rows" if rows is not None else "stacked")
         fn = self._fn(backend, key, lambda st, ps: fold(lay, st, ps if rows is not None else _rows(ps), n, decay,
@@ -331,12 +379,12 @@ class RunningFisher:
     def value(self) -> dict[str, Array]:
         """``{term key: estimate}`` (keys as in :class:`Layout`)."""
         self._require()
-        return state_value(self.state)
+        return state_value(self.state, self._unit)
 
     @property
     def stderr(self) -> dict[str, Array]:
         self._require()
-        return state_stderr(self.state, self.probes)
+        return state_stderr(self.state, self.probes, self._unit)
 
     def _require(self):
         if self.state is None:
@@ -345,13 +393,14 @@ class RunningFisher:
     def state_dict(self) -> dict:
         """The state as a flat ``{name: array}`` dict plus the layout and options (no pickle needed).
 
-        The arrays are copies: later steps update the estimate's own arrays in place.
+        The arrays are copies: later steps update the estimate's own arrays in place. The moments
+        are stored as M, S with m = M·``unit``, s = S·``unit`` (see :func:`fold_scaled`).
         """
         self._require()
         flat = {f"m/{k}": _copy(v) for k, v in self.state["m"].items()}
         flat.update({f"s/{k}": _copy(v) for k, v in self.state.get("s", {}).items()})
         flat.update({"w": self.state["w"], "w2": self.state["w2"], "t": self.state["t"]})
-        return {"arrays": flat, "names": list(self.layout.names), "shapes": [list(s) for s in self.layout.shapes],
+        return {"arrays": flat, "unit": self._unit, "names": list(self.layout.names), "shapes": [list(s) for s in self.layout.shapes],
                 "structure": self.structure, "probes": self.probes, "decay": self.decay, "seed": self.seed}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -362,6 +411,7 @@ class RunningFisher:
         self.state = {"m": {k: _copy(a[f"m/{k}"]) for k in self.layout.keys}, "w": a["w"], "w2": a["w2"], "t": a["t"]}
         if all(f"s/{k}" in a for k in self.layout.keys):
             self.state["s"] = {k: _copy(a[f"s/{k}"]) for k in self.layout.keys}
+        self._unit = float(sd.get("unit", 1.0))
 
 
 def _cross_entropy(z, y):

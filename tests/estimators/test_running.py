@@ -227,9 +227,11 @@ def test_without_stderr_the_estimate_is_the_same():
 @pytest.mark.parametrize("batch_probes", [None, True])
 def test_in_place_steps_equal_the_pure_update_of_the_same_probes(batch_probes):
     """step() squares its own probe gradients and updates its state in place (rows pulled back one
-    by one on a CPU by default, or as one stack): the same numbers as the pure update_state fed
-    with those probes. quasidiag reads each weight gradient twice (g², g_w g_b), so a square
-    taken in place too early would show here."""
+    by one on a CPU by default, or as one stack), keeping the moments in a shrinking unit with the
+    EMA's weights folded into the cotangents: the same numbers as the pure update_state fed with
+    those probes. quasidiag reads each weight gradient twice (g², g_w g_b), so a square taken in
+    place too early would show here; decay 0.5 over 25 steps crosses the renormalisation of the
+    unit (below 1e-6 after 20 steps)."""
     torch = pytest.importorskip("torch")
     from fisherlib.core import cotangents
     from fisherlib.estimators._running import _step_seed, init_state, layout, state_stderr, state_value, update_state
@@ -238,17 +240,21 @@ def test_in_place_steps_equal_the_pure_update_of_the_same_probes(batch_probes):
     m = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
     x, y = torch.randn(N, 4, dtype=torch.float64), torch.randint(0, 3, (N,))
     be = backends.get("torch", batch_probes=batch_probes)
-    rf = RunningFisher("quasidiag", probes=2, decay=0.8, seed=4, backend=be)
+    rf = RunningFisher("quasidiag", probes=2, decay=0.5, seed=4, backend=be)
     names = [n for n, _ in m.named_parameters()]
     lay = layout(names, [tuple(p.shape) for p in m.parameters()], "quasidiag")
     ref = init_state(lay, next(m.parameters()).detach())
-    for t in range(3):
+    renormalised = False
+    for t in range(25):
+        unit = rf._unit
         rf.step(m, None, x, y)
+        renormalised |= rf._unit > unit
         z, vjp = be.linearize(m, None, x)
         xi = be.probes(_step_seed(4, t), (2, N, 3), "rademacher", like=z)
         _, cts = cotangents.cross_entropy_and_hutchinson(z, y, xi)
         pulled = [vjp(cts[k]) for k in (1, 2)]
-        ref = update_state(lay, ref, [torch.stack([p[n] for p in pulled]) for n in names], N, 0.8)
+        ref = update_state(lay, ref, [torch.stack([p[n] for p in pulled]) for n in names], N, 0.5)
+    assert renormalised
     for k, v in state_value(ref).items():
         torch.testing.assert_close(rf.value[k], v, rtol=1e-12, atol=0)
         torch.testing.assert_close(rf.stderr[k], state_stderr(ref, 2)[k], rtol=1e-10, atol=0)
