@@ -216,6 +216,5 @@ def training_cotangents(z: Array, y: Array, xi: Array) -> tuple[Array, Array, Ar
     p *= 1.0 / total
     ct = p - xp.astype(y[:, None] == xp.arange(C, device=dev), p.dtype)
     ct *= 1.0 / N
-    hut = xp.sqrt(p) * (xp.astype(xi, p.dtype) if xi.dtype != p.dtype else xi)  # √p ⊙ ξ_k
-    hut -= p * xp.sum(hut, axis=-1, keepdims=True)
+    hut = simplex.apply_factor(p, xp.sqrt(p), xp.astype(xi, p.dtype) if xi.dtype != p.dtype else xi, xp=xp)
     return restore(loss, dtype, xp=xp), restore(ct, dtype, xp=xp), restore(hut, dtype, xp=xp)

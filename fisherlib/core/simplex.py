@@ -151,9 +151,26 @@ def factor_matvec(z: Array, xi: Array) -> Array:
     sp = xp.sqrt(p)
     sp *= 1.0 / xp.sqrt(total)
     p *= 1.0 / total
-    a = sp * xw  # once: it is both the first term and what the second one sums
+    return restore(apply_factor(p, sp, xw, xp=xp), dtype, xp=xp)
+
+
+def apply_factor(p: Array, sp: Array, xi: Array, *, xp) -> Array:
+    """B ξ = √p ⊙ ξ − p (√p · ξ) from p and √p, both overwritten where the shapes allow.
+
+    One probe (``xi`` shaped like p, or with one leading axis of 1) reuses the buffers of √p and
+    p: no fresh array the size of the logits.
+    """
+    if tuple(xi.shape) == tuple(sp.shape) or (xi.ndim == sp.ndim + 1 and xi.shape[0] == 1
+                                                and tuple(xi.shape[1:]) == tuple(sp.shape)):
+        a = xp.reshape(sp, xi.shape)
+        a *= xi
+        p = xp.reshape(p, xi.shape)
+        p *= xp.sum(a, axis=-1, keepdims=True)
+        a -= p
+        return a
+    a = sp * xi  # once: it is both the first term and what the second one sums
     a -= p * xp.sum(a, axis=-1, keepdims=True)
-    return restore(a, dtype, xp=xp)
+    return a
 
 
 def factor_rmatvec(z: Array, u: Array) -> Array:
