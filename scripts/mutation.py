@@ -30,19 +30,29 @@ ROOT = Path(__file__).resolve().parent.parent
 # Fast, sharp tests first: with -x a killed mutant stops at its first failing test.
 TESTS = ["tests/estimators/test_fisher.py", "tests/estimators/test_regressions.py",
          "tests/estimators/test_precision.py", "tests/estimators/test_matrix.py",
-         "tests/estimators/test_moments.py", "tests/backends/test_torch_layers.py"]
+         "tests/estimators/test_moments.py", "tests/estimators/test_running.py", "tests/backends/test_torch_layers.py"]
 
 # (name, file, text, replacement): the text must occur exactly once in the file.
 MUTANTS = [
     # -- the driver
     ("batch seed ignores the batch", "fisherlib/estimators/_fisher.py",
-     "SeedSequence([seed, b, stream])", "SeedSequence([seed, 0, stream])"),
+     "return derive(seed, b, stream)", "return derive(seed, 0, stream)"),
     ("label range off by one", "fisherlib/estimators/_fisher.py", "(y >= C)", "(y > C)"),
     ("JAX labels unchecked again", "fisherlib/estimators/_fisher.py", "if is_eager(y):", "if is_eager(y) and not hasattr(y, 'at'):"),
     ("upper bound gets F's cotangent", "fisherlib/estimators/_fisher.py",
      'if opts["bound"] == "upper":', 'if opts["bound"] == "upper-not":'),
     ("lower bound draws one probe", "fisherlib/estimators/_fisher.py",
      '(K, n, opts["rank"])', '(K, n, 1)'),
+    ("probe squares skipped in place", "fisherlib/estimators/_fisher.py", "        w *= w\n", "        w *= 1.0\n"),
+    # -- the running estimate (training loop)
+    ("running s without the K in its gain", "fisherlib/estimators/_running.py",
+     "gain=len(rows) * unit / alpha", "gain=unit / alpha"),
+    ("running unit never renormalised", "fisherlib/estimators/_running.py",
+     "                    v *= self._unit\n", "                    v *= 1.0\n"),
+    ("running EMA weight not on the probes", "fisherlib/estimators/_running.py",
+     "hut *= self._scale(N)", "hut *= 1.0"),
+    ("training loss cotangent without 1/N", "fisherlib/core/cotangents.py", "    ct *= 1.0 / N\n", "    ct *= 1.0\n"),
+    ("one probe's factor adds p(√p·ξ)", "fisherlib/core/simplex.py", "        a -= p\n", "        a += p\n"),
     # -- products of gradients
     ("diag squares the batch sum", "fisherlib/estimators/_products.py",
      "out = [xp.sum(g * g, axis=1) for g in grads]", "out = [xp.sum(g, axis=1) ** 2 for g in grads]"),
@@ -67,9 +77,9 @@ MUTANTS = [
      "n_inputs=self.n_inputs + other.n_inputs", "n_inputs=self.n_inputs"),
     # -- cotangents and factor products
     ("Hutchinson weight p instead of sqrt p", "fisherlib/core/simplex.py",
-     "sp = xp.exp(0.5 * log_softmax(zw, xp=xp))", "sp = xp.exp(log_softmax(zw, xp=xp))"),
-    ("Hutchinson drops the centring", "fisherlib/core/simplex.py",
-     "a - (sp * sp) * xp.sum(a, axis=-1, keepdims=True)", "a"),
+     "    sp = xp.sqrt(p)\n    sp *= 1.0 / xp.sqrt(total)\n", "    sp = p / total\n"),
+    ("Hutchinson (K probes) drops the centring", "fisherlib/core/simplex.py",
+     "    a -= p * xp.sum(a, axis=-1, keepdims=True)\n", "    a -= 0.0 * p\n"),
     ("sigmoid factor without the root", "fisherlib/core/hypercube.py",
      "xp.exp(0.5 * _log_dsigmoid(zw, xp=xp)) * xw", "xp.exp(_log_dsigmoid(zw, xp=xp)) * xw"),
     ("upper bound weight p", "fisherlib/core/cotangents.py",

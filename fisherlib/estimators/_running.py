@@ -1,8 +1,9 @@
 """The Fisher inside the training loop: probes pulled back with the loss gradient, averaged over steps.
 
 Per training step on a batch of N inputs, the loss cotangent ∂L/∂z and K Hutchinson cotangents
-B(p̃)ξ_k are stacked into one (1 + K, N, C) array and pulled back in ONE batched backward of the
-step's own forward pass. Row 0 is the loss gradient; rows 1..K are probe gradients
+B(p̃)ξ_k are pulled back through the step's own forward pass: in one batched call, or one call
+per row where the adapter says that is faster (``batched(like)``: torch on a CPU). Row 0 is the
+loss gradient; rows 1..K are probe gradients
 g_k = Σ_x J_xᵀ B_x ξ_x with E[g_k g_kᵀ] = F (the batch's Fisher, a sum over inputs), so every
 entry of g_k g_kᵀ / N is an unbiased estimate of the same entry of the per-input mean Fisher:
 
@@ -221,9 +222,10 @@ class RunningFisher:
 
     Notes
     -----
-    Cost per step: the forward pass of the training step and one batched backward of 1 + K
-    cotangents (torch ``is_grads_batched``, JAX ``vmap`` of the pullback), plus O(N·C) for the
-    cotangents and the terms' memory. Bias: each step's terms are unbiased for the per-input
+    Cost per step: the forward pass of the training step and the backward of 1 + K cotangents
+    through its graph (JAX ``vmap`` of the pullback; torch one ``autograd.grad`` per row on a CPU,
+    ``is_grads_batched`` elsewhere), plus O(N·C) for the cotangents and two in-place passes over
+    the terms (five with ``stderr``; :func:`fold_scaled`). Bias: each step's terms are unbiased for the per-input
     mean Fisher at that step's θ; the EMA weights recent steps. Variance of a diagonal entry of
     one step: ≤ 2 F_ii² / K (Rademacher), divided by the effective number of steps W²/W₂.
 
@@ -263,7 +265,7 @@ class RunningFisher:
 
     def step(self, model: Any, params: Any, inputs: Any, targets: Any, *, loss: Any = None,
              update: bool = True) -> tuple[Any, Any]:
-        """One forward and one batched backward: (loss value, loss gradient tree).
+        """One forward and the backward of 1 + K cotangents through it: (loss value, loss gradient tree).
 
         ``loss=None`` is the mean cross-entropy of the logits against class indices ``targets``,
         computed in the core; a framework callable ``loss(logits, targets) -> scalar`` needs the
