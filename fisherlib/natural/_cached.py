@@ -51,6 +51,14 @@ class Preconditioner:
         kinds without ``pinv``: a framework's faster routine (the torch optimizer passes a
         Cholesky inverse, 2.4× faster than ``torch.linalg.inv`` on 64 blocks of 65²). Default:
         the namespace's ``linalg.inv``.
+    factor : (make, solve), optional
+        Instead of an inverse, keep ``make(A)`` (e.g. a Cholesky factor) of every dense block
+        and apply ``solve(factor, v)`` (batched over (..., S)): the optax transformation's
+        Cholesky factor and triangular solves, cheaper than an inverse at a refresh.
+    static : bool
+        Keep the arrays' structure independent of their values (``kind="quasidiag"`` then always
+        keeps the per-unit choice between the arrowhead and Ollivier's step as arrays), so that
+        :meth:`arrays` of two factorisations of one layout match: what a jitted optax state needs.
 
     Notes
     -----
@@ -66,7 +74,9 @@ class Preconditioner:
 
     def __init__(self, curvature: Curvature, kind: str = "diag", damping: float = 1e-3, *,
                  unit_solve: str = "auto", pinv: bool = False, rtol: float | None = None,
-                 inverse: Callable[[Array], Array] | None = None):
+                 inverse: Callable[[Array], Array] | None = None,
+                 factor: tuple[Callable[[Array], Any], Callable[[Any, Array], Array]] | None = None,
+                 static: bool = False):
         if unit_solve not in UNIT_SOLVES:
             raise ValueError(f"unit_solve: expected one of {UNIT_SOLVES}, got {unit_solve!r}")
         if kind not in KINDS:
@@ -76,6 +86,7 @@ class Preconditioner:
         lam = _solve._check_damping(damping)
         self.curvature, self.kind, self.damping = curvature, kind, lam
         self.unit_solve, self.pinv, self.rtol, self._inverse = unit_solve, pinv, rtol, inverse
+        self._factor = None if pinv else factor
         lay = curvature.layout
         self.names = tuple(lay.names)
         self._xp = array_namespace(*curvature.terms.values())  # once: it costs µs per call
@@ -110,12 +121,59 @@ class Preconditioner:
                                      "(use RunningFisher with structure 'quasidiag' or 'unitwise')")
                 dw = to_units(u, curvature.diag(u.weight), None)
                 db = curvature.diag(u.bias)
-                coef = {"ollivier": _ollivier, "quasidiag": _quasidiag, "unitwise": _woodbury}[kind](dw, db, c, lam)
+                if kind == "quasidiag":
+                    coef = _quasidiag(dw, db, c, lam, static)
+                else:
+                    coef = {"ollivier": _ollivier, "unitwise": _woodbury}[kind](dw, db, c, lam)
                 self._ops.append(_unit_op(u, lay.shapes[u.weight], coef))
                 covered.update((u.weight, u.bias))
         for i, name in enumerate(lay.names):
             if i not in covered:
                 self._ops.append(("diag", i, curvature.diag(i) + lam))
+
+    def factorize(self) -> "Preconditioner":
+        """Invert (or factor) the dense blocks now, instead of on the second :meth:`apply`; returns self."""
+        for op in self._ops:
+            if op[0] in ("unit", "block") and op[3] < 2:
+                op[2], op[3] = self._invert(op[2]), 2
+        return self
+
+    def arrays(self) -> list[Array]:
+        """The prepared arrays (dense blocks inverted or factored), e.g. to keep in an optimizer's state."""
+        self.factorize()
+        out = []
+        for op in self._ops:
+            if op[0] == "diag":
+                out.append(op[2])
+            elif op[0] in ("unit", "block"):
+                out.append(op[2])
+            else:
+                out += [op[4], op[5]] + ([op[6]] if op[0] == "ollivier" else [v for v in op[6] if v is not None])
+        return out
+
+    def with_arrays(self, arrays: Sequence[Array]) -> "Preconditioner":
+        """A copy that applies ``arrays`` (from :meth:`arrays` of a factorisation of the same layout,
+        kind and options) instead of its own."""
+        count = sum(1 if op[0] in ("diag", "unit", "block") else
+                    2 + (1 if op[0] == "ollivier" else sum(v is not None for v in op[6])) for op in self._ops)
+        if len(arrays) != count:
+            raise ValueError(f"arrays: expected {count} arrays for this factorisation, got {len(arrays)}")
+        new = object.__new__(Preconditioner)
+        new.__dict__.update(self.__dict__)
+        it = iter(arrays)
+        ops = []
+        for op in self._ops:
+            if op[0] == "diag":
+                ops.append((op[0], op[1], next(it)))
+            elif op[0] in ("unit", "block"):
+                ops.append([op[0], op[1], next(it), 2])
+            elif op[0] == "ollivier":
+                ops.append(op[:4] + (next(it), next(it), next(it)))
+            else:
+                a, r = next(it), next(it)
+                ops.append(op[:4] + (a, r, tuple(None if v is None else next(it) for v in op[6])))
+        new._ops = ops
+        return new
 
     def matches(self, curvature: Curvature, damping: float) -> bool:
         """Whether this factorisation is of ``curvature`` (the same object) and ``damping``."""
@@ -164,18 +222,25 @@ class Preconditioner:
         """A⁻¹ v for op = [tag, leaf, A or its inverse, uses so far]: a solve on the first use, as
         precondition() does; from the second on, the (pseudo-)inverse, computed once."""
         xp = self._xp
+        if self._factor is not None:
+            if op[3] < 2:
+                op[2], op[3] = self._factor[0](op[2]), 2
+            return self._factor[1](op[2], v)
         op[3] += 1
         if op[3] == 1 and not self.pinv:
             return xp.linalg.solve(op[2], v[..., None])[..., 0]
         if op[3] <= 2:
-            a = op[2]
-            if self.pinv:
-                op[2] = xp.linalg.pinv(a) if self.rtol is None else xp.linalg.pinv(a, rtol=self.rtol)
-            else:
-                op[2] = self._inverse(a) if self._inverse is not None else xp.linalg.inv(a)
-            op[3] = 2
+            op[2], op[3] = self._invert(op[2]), 2
         # A mat-vec as a product and a sum: batched matmuls of small blocks are slower on a CPU.
         return xp.sum(op[2] * v[..., None, :], axis=-1)
+
+    def _invert(self, a: Array) -> Array:
+        xp = self._xp
+        if self._factor is not None:
+            return self._factor[0](a)
+        if self.pinv:
+            return xp.linalg.pinv(a) if self.rtol is None else xp.linalg.pinv(a, rtol=self.rtol)
+        return self._inverse(a) if self._inverse is not None else xp.linalg.inv(a)
 
     def __repr__(self) -> str:
         return f"Preconditioner(kind={self.kind!r}, damping={self.damping:.3g}, leaves={len(self.names)})"
@@ -219,17 +284,19 @@ def _arrowhead_coef(dw, db, c, lam):
     return 1 / Dw, r, inv_schur, -inv_schur
 
 
-def _quasidiag(dw, db, c, lam):
+def _quasidiag(dw, db, c, lam, static=False):
     """The arrowhead solve where it is positive definite, Ollivier's step elsewhere (as precondition())."""
     xp = array_namespace(dw, db, c)
     ok = _solve.arrowhead_definite(dw, db, c, lam)
     a1, r1, sb, sh = _arrowhead_coef(dw, db, c, lam)
     _, a2, r2, beta2 = _ollivier(dw, db, c, lam)
     zero, one = xp.zeros_like(sb), xp.ones_like(sb)
-    try:
-        definite = bool(xp.all(ok))
-    except Exception:  # noqa: BLE001 - a traced array (under jit) has no truth value: the mixed form
-        definite = False
+    definite = False
+    if not static:
+        try:
+            definite = bool(xp.all(ok))
+        except Exception:  # noqa: BLE001 - a traced array (under jit) has no truth value: the mixed form
+            pass
     if definite:  # every unit definite: the arrowhead form alone
         return "general", a1, r1, (sb, sh, None, None, None)
     # Ollivier in the general form: s = g_b, δ_w = a g_w − r s, δ_b = β g_b − h.

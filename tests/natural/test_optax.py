@@ -111,3 +111,23 @@ def test_errors_are_named():
         natural_gradient(0.1, preconditioner="kfac")
     with pytest.raises(ValueError, match="kl_clip"):
         natural_gradient(0.1, kl_clip=0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["unitwise", "quasidiag"])
+def test_updates_between_refreshes_apply_the_kept_factorisation(kind):
+    """A refresh keeps the factorised F̃ + λI in the state (dense unit blocks: a Cholesky factor);
+    later updates without probes apply it to new gradients: precondition() of the kept estimate."""
+    tx = natural_gradient(1.0, preconditioner=kind, damping=0.05, kl_clip=None)
+    st = tx.init(PARAMS)
+    _, g, pg = jax.jit(lambda p: value_grad_and_probes(f, p, X, Y, 5, probes=2))(PARAMS)
+    _, st = jax.jit(lambda g, s, pg: tx.update(g, s, probe_grads=pg, n=N))(g, st, pg)
+    g2 = {n: jnp.asarray(np.random.default_rng(1).normal(size=v.shape)) for n, v in PARAMS.items()}
+    u, st2 = jax.jit(lambda g, s: tx.update(g, s))(g2, st)
+    assert all(np.array_equal(a, b) for a, b in zip(st.factors, st2.factors))
+    rf = RunningFisher("unitwise" if kind == "unitwise" else "quasidiag", probes=2)
+    names = list(PARAMS)
+    rf.update([np.asarray(pg[n]) for n in names], names, N)
+    d = precondition({n: np.asarray(g2[n]) for n in names}, Curvature.from_running(rf), kind, 0.05)
+    for n in names:
+        np.testing.assert_allclose(u[n], -d[n], rtol=1e-9, atol=1e-12)
