@@ -310,10 +310,11 @@ def plot(curves, target_loss, quick):
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
     for ax, (kind, results) in zip(axes[0], curves.items()):
-        for method, (_, runs) in results.items():
+        for i, (method, (_, runs)) in enumerate(results.items()):
             steps = runs[0][0]
             loss = np.median(np.array([r[1] for r in runs]), axis=0)
-            ax.plot(steps, loss, label=method, lw=2 if method.startswith("fisherlib") else 1.2,
+            ax.plot(steps, loss, label=method, color=f"C{i}" if i < 10 else "black",  # 11 methods, 10 colours
+                    lw=2 if method.startswith("fisherlib") else 1.2,
                     ls=("-." if " r=" in method else "-") if method.startswith("fisherlib") else "--")
         ax.axhline(target_loss, color="grey", lw=0.8, ls=":")
         ax.set_yscale("log")
