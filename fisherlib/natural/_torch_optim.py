@@ -60,9 +60,12 @@ class NaturalGradient(torch.optim.Optimizer):
 
     Notes
     -----
-    Cost per step: a training step's forward + a backward batched over 1 + K cotangents
-    (refresh steps), plus the solve: O(P) for "diag", "quasidiag", "ollivier", Woodbury
-    "unitwise"; O(Σ n³) for dense "unitwise" and O(Σ P_l³) for "blocks".
+    Cost per step: on refresh steps a training step's forward + a backward batched over
+    1 + K cotangents, and the factorisation of F̃ + λI (:class:`~fisherlib.natural.Preconditioner`:
+    O(P) for "diag", "quasidiag", "ollivier", Woodbury "unitwise"; O(Σ n³) for dense
+    "unitwise" and O(Σ P_l³) for "blocks"); between refreshes a plain forward and backward,
+    and applying the factorisation (O(P); O(Σ n²) and O(Σ P_l²) for the dense kinds). λ
+    changed by Levenberg–Marquardt refactorises.
     ``state_dict()`` holds the Fisher estimate, the damping and the momentum buffers.
     """
 
