@@ -180,8 +180,12 @@ class NaturalGradient(torch.optim.Optimizer):
         direction = plan.apply(grads)
         lr = group["lr"]
         g_dot_d = 0.0
-        if self.lm is not None or self.kl_clip is not None:  # fastest of the ways tried on a CPU
-            g_dot_d = sum(x.sum().item() for x in torch._foreach_mul(grads, direction))
+        if self.lm is not None or self.kl_clip is not None:
+            prods = torch._foreach_mul(grads, direction)
+            if prods[0].device.type == "cpu":  # the fastest way tried on a CPU (no stack)
+                g_dot_d = sum(x.sum().item() for x in prods)
+            else:  # one device sync, not one per leaf
+                g_dot_d = torch.stack([x.sum() for x in prods]).sum().item()
         if self.kl_clip is not None and g_dot_d > 0:
             lr = lr * min(1.0, math.sqrt(self.kl_clip / (lr * lr * g_dot_d)))
         if group["momentum"]:
