@@ -118,7 +118,7 @@ FEATURES: tuple[Feature, ...] = (
             "(`layer_io`)", "layer I/O"),
     Feature("jvp", "Jacobian-vector products (`jvp`: F·v in `fisherlib.spectral`)", "JVP"),
     Feature("training_loop", "training-loop reuse (`loss_linearize`: a framework loss, its gradient "
-            "and K probes from one forward and one batched backward; `RunningFisher`)", "training loop"),
+            "and K probes pulled back through one forward; `RunningFisher`)", "training loop"),
     Feature("own_params", "models that own their parameters (`params=None`)", "own parameters"),
     Feature("jit", "jit / tracing", "jit"),
     Feature("float64", "float64", "float64"),
@@ -168,8 +168,10 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
             "take the per-example VJP"
         ),
         "jvp": _yes("`torch.func.jvp` of `functional_call`, K directions in one `torch.func.vmap`"),
-        "training_loop": _yes("`loss_linearize`: the loss's logit gradient by autograd, then the "
-                              "forward's one batched `autograd.grad` over [loss; K probes]"),
+        "training_loop": _yes("`loss_linearize`: the loss's logit gradient by autograd, then "
+                              "[loss; K probes] through the forward's graph (one `autograd.grad` per row "
+                              "on a CPU, one batched call elsewhere); `train_linearize` lets batch norm "
+                              "update its running statistics as the plain step would"),
         "own_params": YES,  # an nn.Module's parameters with requires_grad=True
         "jit": _no(
             "`torch.compile` is not supported or tested (with torch 2.13 a compiled module failed "

@@ -8,6 +8,7 @@ one cotangent, or a stack of K, with a single ``torch.autograd.grad`` call (K-st
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
@@ -208,19 +209,21 @@ class TorchBackend:
         _, leaves, rebuild = self._split(model, None, own=False)
         return rebuild(leaves)
 
-    def linearize(self, model: Any, params: Tree, inputs: Any) -> tuple[torch.Tensor, Callable]:
+    def linearize(self, model: Any, params: Tree, inputs: Any, *, statistics: bool = False
+                  ) -> tuple[torch.Tensor, Callable]:
         """Run the model once with autograd on: (detached logits, ``vjp``).
 
         ``vjp(ct)``: ``ct`` shaped like the logits, or (K, *logits.shape) for K cotangents pulled
         back in one ``torch.autograd.grad`` call; leaves gain the leading K. Parameters the
-        logits do not depend on get zeros. The graph lives as long as ``vjp``.
+        logits do not depend on get zeros. The graph lives as long as ``vjp``. Batch-norm
+        running statistics stay as they are unless ``statistics=True`` (:meth:`train_linearize`).
         """
         call, leaves, rebuild = self._split(model, params, own=True)
         if not leaves:
             raise ValueError("params: no floating parameters that require grad")
         if not (isinstance(model, nn.Module) and params is None):
             leaves = [t.detach().requires_grad_(True) for t in leaves]  # aliases, no copies
-        with torch.enable_grad(), frozen_statistics(model):  # no call changes running statistics
+        with torch.enable_grad(), (contextlib.nullcontext() if statistics else frozen_statistics(model)):
             out = call(leaves, inputs)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"model: expected a tensor of logits, got {type(out).__name__}")
@@ -379,6 +382,11 @@ class TorchBackend:
 
     # -- optional capability: training-loop reuse (fisherlib.estimators.RunningFisher) ----------
 
+    def train_linearize(self, model: Any, params: Tree, inputs: Any) -> tuple[torch.Tensor, Callable]:
+        """The training step's forward: :meth:`linearize`, but batch-norm layers in training mode
+        update their running statistics, as the same step without fisherlib would."""
+        return self.linearize(model, params, inputs, statistics=True)
+
     def loss_linearize(self, model: Any, params: Tree, inputs: Any, loss: Callable,
                        targets: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable]:
         """The training step's forward: (detached logits, loss value, ∂loss/∂logits, ``vjp``).
@@ -388,7 +396,7 @@ class TorchBackend:
         with probe cotangents and pull all of them back through the network in ONE ``vjp`` call
         (``is_grads_batched``) of this forward.
         """
-        logits, vjp = self.linearize(model, params, inputs)
+        logits, vjp = self.train_linearize(model, params, inputs)
         z = logits.detach().requires_grad_(True)
         with torch.enable_grad():
             value = loss(z, targets)

@@ -181,7 +181,8 @@ def _decayed(old: Array, beta: float, inplace: bool) -> Array:
 def state_value(state: dict, unit: float = 1.0) -> dict[str, Array]:
     """The estimate m / W of every term (zeros before the first step); m = M·``unit``."""
     w = state["w"]
-    return {k: v * (unit / (w + (w == 0))) for k, v in state["m"].items()}
+    scale = unit / (w + (w == 0))  # once for every term
+    return {k: v * scale for k, v in state["m"].items()}
 
 
 def state_stderr(state: dict, probes: int, unit: float = 1.0) -> dict[str, Array]:
@@ -273,8 +274,8 @@ class RunningFisher:
         (a plain training step through the same path).
         """
         be = self._backend(params if params is not None else inputs)
-        if loss is None:
-            logits, vjp = be.linearize(model, params, inputs)
+        if loss is None:  # the step's own forward: batch-norm statistics update where the adapter can
+            logits, vjp = (getattr(be, "train_linearize", None) or be.linearize)(model, params, inputs)
             z = _flat(logits)
             y = _labels(targets, z)
             if not update:

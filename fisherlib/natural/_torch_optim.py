@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Callable
 
@@ -12,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends._common import call_args, logits_of
-from ..backends.torch_layers import frozen_statistics
 from ..estimators._running import RunningFisher
 from ._cached import Preconditioner
 from ._damping import LevenbergMarquardt, predicted_change
@@ -104,7 +102,6 @@ class NaturalGradient(torch.optim.Optimizer):
         self.steps = 0
         # Batch norm's statistics stay frozen on every step, as RunningFisher.step keeps them;
         # looked up once, since walking the modules costs a plain step ~10 µs.
-        self._batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self._last_loss: float | None = None
 
     def backward(self, inputs: Any, targets: Any, loss: Callable | None = None) -> torch.Tensor:
@@ -130,12 +127,12 @@ class NaturalGradient(torch.optim.Optimizer):
 
     def _plain_backward(self, inputs: Any, targets: Any, loss: Callable | None) -> torch.Tensor:
         """A training step's forward and backward between refreshes, as torch.optim.SGD's would be
-        (batch-norm statistics frozen as on refresh steps, unused parameters get zero gradients)."""
+        (batch-norm statistics update as on refresh steps; unused parameters get zero gradients)."""
         params = self.param_groups[0]["params"]
         for p in params:
             p.grad = None
         args, kwargs = call_args(inputs)
-        with torch.enable_grad(), (frozen_statistics(self.model) if self._batchnorm else contextlib.nullcontext()):
+        with torch.enable_grad():
             logits = logits_of(self.model(*args, **kwargs))
             if loss is None:
                 z = logits.reshape(-1, logits.shape[-1])

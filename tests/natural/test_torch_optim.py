@@ -11,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import fisherlib  # noqa: E402
 from fisherlib.estimators import RunningFisher  # noqa: E402
 from fisherlib.natural import (  # noqa: E402
     Curvature,
@@ -215,3 +216,28 @@ def test_plain_backward_gives_unused_parameters_zero_gradients_and_checks_target
     opt.step()
     with pytest.raises(ValueError, match="targets"):
         opt.backward(x, y[:-1].numpy())  # and so does a plain one, checked the same way
+
+
+def test_batch_norm_statistics_update_as_in_plain_training():
+    """The optimizer's forward is the training step's: batch-norm running statistics move on
+    refresh steps and between them exactly as under torch.optim.SGD; fisher() leaves them."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 3)).double()
+    ref = copy.deepcopy(net)
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    opt = NaturalGradient(net, lr=0.1, preconditioner="diag", refresh=2)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(3):  # a refresh, a plain step, a refresh
+        opt.backward(x, y)
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        bn, bn_ref = net[1], ref[1]
+        torch.testing.assert_close(bn.running_mean, bn_ref.running_mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(bn.running_var, bn_ref.running_var, rtol=1e-12, atol=0)
+        assert int(bn.num_batches_tracked) == int(bn_ref.num_batches_tracked)
+        opt.zero_grad()
+        sgd.zero_grad()  # both models keep θ: only the statistics are compared
+    before = net[1].running_mean.clone()
+    with pytest.warns(fisherlib.backends.BatchNormWarning):  # training mode: inputs are coupled
+        fisherlib.fisher(net, None, x, probes=1)
+    torch.testing.assert_close(net[1].running_mean, before, rtol=0, atol=0)
