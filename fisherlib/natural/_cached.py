@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 from ..core._compat import array_namespace, device
 from ..estimators._running import from_units, to_units
 from . import _solve
-from ._precondition import DENSE_UNITS, KINDS, UNIT_SOLVES, Curvature
+from ._precondition import Curvature, check_options, leaf_block, unit_term
 
 Array = Any
 
@@ -77,12 +77,7 @@ class Preconditioner:
                  inverse: Callable[[Array], Array] | None = None,
                  factor: tuple[Callable[[Array], Any], Callable[[Any, Array], Array]] | None = None,
                  static: bool = False):
-        if unit_solve not in UNIT_SOLVES:
-            raise ValueError(f"unit_solve: expected one of {UNIT_SOLVES}, got {unit_solve!r}")
-        if kind not in KINDS:
-            raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-        if not isinstance(curvature, Curvature):
-            raise TypeError(f"curvature: expected a Curvature, got {type(curvature).__name__}")
+        check_options(kind, unit_solve, curvature)
         lam = _solve._check_damping(damping)
         self.curvature, self.kind, self.damping = curvature, kind, lam
         self.unit_solve, self.pinv, self.rtol, self._inverse = unit_solve, pinv, rtol, inverse
@@ -96,29 +91,18 @@ class Preconditioner:
         covered: set[int] = set()
         if kind == "blocks":
             for i, name in enumerate(lay.names):
-                blk = curvature.terms.get(f"block:{name}")
-                if blk is None:
-                    raise ValueError(f"curvature: kind='blocks' needs dense per-leaf blocks; leaf {name!r} has "
-                                     "none (use RunningFisher('blocks') or fisher(structure='blocks'))")
-                self._ops.append(["block", i, _damped(blk, lam), 0])
+                self._ops.append(["block", i, _damped(leaf_block(curvature, name), lam), 0])
                 covered.add(i)
         elif kind != "diag":
             for u in lay.units:
-                blk = curvature._unit_block(u)
-                fast = unit_solve == "woodbury" or (unit_solve == "auto" and (blk is None or u.size > DENSE_UNITS))
-                if kind == "unitwise" and not fast:
-                    if blk is None:
-                        raise ValueError(f"curvature: unit_solve='dense' needs unit blocks; {u.name!r} has none "
-                                         "(use RunningFisher('unitwise'), or unit_solve='woodbury')")
-                    self._ops.append(["unit", u, _damped(blk, lam), 0])
+                how, term = unit_term(curvature, u, kind, unit_solve)
+                if how == "dense":
+                    self._ops.append(["unit", u, _damped(term, lam), 0])
                     covered.update(i for i in (u.weight, u.bias) if i is not None)
                     continue
-                if u.bias is None:
+                if how == "diagonal":
                     continue
-                c = curvature.cross(u)
-                if c is None:
-                    raise ValueError(f"curvature: kind={kind!r} needs bias–weight terms; {u.name!r} has none "
-                                     "(use RunningFisher with structure 'quasidiag' or 'unitwise')")
+                c = term
                 dw = to_units(u, curvature.diag(u.weight), None)
                 db = curvature.diag(u.bias)
                 if kind == "quasidiag":

@@ -150,12 +150,7 @@ def precondition(grads: Tree, curvature: Curvature, kind: str = "diag", damping:
     Cost per unit of fan-in n: O(n) for "diag", "quasidiag", "ollivier" and "unitwise" by
     Woodbury; O(n³) for dense "unitwise"; O(P³) per leaf of P entries for "blocks".
     """
-    if unit_solve not in UNIT_SOLVES:
-        raise ValueError(f"unit_solve: expected one of {UNIT_SOLVES}, got {unit_solve!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-    if not isinstance(curvature, Curvature):
-        raise TypeError(f"curvature: expected a Curvature, got {type(curvature).__name__}")
+    check_options(kind, unit_solve, curvature)
     be = _backend(backend, grads)
     named = be.leaves(grads)
     lay = curvature.layout
@@ -165,33 +160,23 @@ def precondition(grads: Tree, curvature: Curvature, kind: str = "diag", damping:
     out: list[Array | None] = [None] * len(g)
     if kind == "blocks":
         for i, name in enumerate(lay.names):
-            blk = curvature.terms.get(f"block:{name}")
-            if blk is None:
-                raise ValueError(f"curvature: kind='blocks' needs dense per-leaf blocks; leaf {name!r} has none "
-                                 "(use RunningFisher('blocks') or fisher(structure='blocks'))")
+            blk = leaf_block(curvature, name)
             xp = array_namespace(g[i])
             flat = xp.reshape(g[i], (-1,))
             out[i] = xp.reshape(_solve.dense(flat, blk, damping, pinv=pinv, rtol=rtol), tuple(g[i].shape))
     elif kind != "diag":
         for u in lay.units:
-            gb = None if u.bias is None else g[u.bias]
-            blk = curvature._unit_block(u)
-            fast = unit_solve == "woodbury" or (unit_solve == "auto" and (blk is None or u.size > DENSE_UNITS))
-            if kind == "unitwise" and not fast:
-                if blk is None:
-                    raise ValueError(f"curvature: unit_solve='dense' needs unit blocks; {u.name!r} has none "
-                                     "(use RunningFisher('unitwise'), or unit_solve='woodbury')")
-                v = _solve.dense(to_units(u, g[u.weight], gb), blk, damping, pinv=pinv, rtol=rtol)
+            how, term = unit_term(curvature, u, kind, unit_solve)
+            if how == "dense":
+                gb = None if u.bias is None else g[u.bias]
+                v = _solve.dense(to_units(u, g[u.weight], gb), term, damping, pinv=pinv, rtol=rtol)
                 out[u.weight], b = from_units(u, v, lay.shapes[u.weight])
                 if u.bias is not None:
                     out[u.bias] = b
                 continue
-            if u.bias is None:
+            if how == "diagonal":
                 continue  # no bias row: the diagonal below
-            c = curvature.cross(u)
-            if c is None:
-                raise ValueError(f"curvature: kind={kind!r} needs bias–weight terms; {u.name!r} has none "
-                                 "(use RunningFisher with structure 'quasidiag' or 'unitwise')")
+            c = term
             dw = to_units(u, curvature.diag(u.weight), None)
             gw = to_units(u, g[u.weight], None)
             solve = {"quasidiag": _solve.arrowhead, "ollivier": _solve.ollivier, "unitwise": _solve.woodbury}[kind]
@@ -208,6 +193,44 @@ def precondition(grads: Tree, curvature: Curvature, kind: str = "diag", damping:
         if out[i] is None:
             out[i] = _solve.diagonal(g[i], curvature.diag(i), damping)
     return be.unflatten(grads, out)
+
+
+def check_options(kind: str, unit_solve: str, curvature: Any) -> None:
+    """The arguments shared by :func:`precondition` and :class:`~fisherlib.natural.Preconditioner`."""
+    if unit_solve not in UNIT_SOLVES:
+        raise ValueError(f"unit_solve: expected one of {UNIT_SOLVES}, got {unit_solve!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if not isinstance(curvature, Curvature):
+        raise TypeError(f"curvature: expected a Curvature, got {type(curvature).__name__}")
+
+
+def leaf_block(curvature: Curvature, name: str) -> Array:
+    """The dense block of leaf ``name`` (``kind="blocks"``), or a clear error."""
+    blk = curvature.terms.get(f"block:{name}")
+    if blk is None:
+        raise ValueError(f"curvature: kind='blocks' needs dense per-leaf blocks; leaf {name!r} has none "
+                         "(use RunningFisher('blocks') or fisher(structure='blocks'))")
+    return blk
+
+
+def unit_term(curvature: Curvature, u: Any, kind: str, unit_solve: str) -> tuple[str, Array | None]:
+    """How unit ``u`` is solved: ("dense", its block), ("coupled", its bias–weight terms) for the
+    arrowhead, Ollivier and Woodbury steps, or ("diagonal", None) for a unit without a bias."""
+    blk = curvature._unit_block(u)
+    fast = unit_solve == "woodbury" or (unit_solve == "auto" and (blk is None or u.size > DENSE_UNITS))
+    if kind == "unitwise" and not fast:
+        if blk is None:
+            raise ValueError(f"curvature: unit_solve='dense' needs unit blocks; {u.name!r} has none "
+                             "(use RunningFisher('unitwise'), or unit_solve='woodbury')")
+        return "dense", blk
+    if u.bias is None:
+        return "diagonal", None
+    c = curvature.cross(u)
+    if c is None:
+        raise ValueError(f"curvature: kind={kind!r} needs bias–weight terms; {u.name!r} has none "
+                         "(use RunningFisher with structure 'quasidiag' or 'unitwise')")
+    return "coupled", c
 
 
 def structure_for(preconditioner: str, unit_solve: str = "auto") -> str:
