@@ -2,7 +2,7 @@
 
 Every optimizer starts from the same weights and sees the same batches, through the adapter
 protocol only (any backend). The natural gradient is fisherlib's: each step pulls the loss
-cotangent and one Hutchinson probe back in one batched VJP (:class:`~fisherlib.RunningFisher`,
+cotangent and one Hutchinson probe back through the step's forward (:class:`~fisherlib.RunningFisher`,
 quasi-diagonal terms with an EMA), then takes Ollivier's quasi-diagonal step
 (:func:`fisherlib.natural.precondition`, ``kind="ollivier"``) with damping λ and a KL clip.
 Writes ``training_curves.png``, a section of ``report.md`` and a ``"training"`` entry of
@@ -136,7 +136,7 @@ def _markdown(d: dict, sgd: float) -> str:
 
 The demo's MLP trained again from the same initial weights on the same batches
 ({d['epochs']} epochs of {d['steps_per_epoch']} steps) by SGD, Adam and fisherlib's natural
-gradient: one forward and one batched backward of [loss cotangent; one Hutchinson probe] per
+gradient: one forward and the backward of [loss cotangent; one Hutchinson probe] through it per
 step (`fisherlib.RunningFisher`, EMA of the quasi-diagonal Fisher terms), then Ollivier's
 quasi-diagonal step (`fisherlib.natural.precondition(kind="ollivier")`, λ = {d['damping']:g},
 KL clip {d['kl_clip']:g}). See `docs/natural-gradient.md`.
