@@ -48,7 +48,7 @@ MUTANTS = [
     ("running s without the K in its gain", "fisherlib/estimators/_running.py",
      "gain=len(rows) * unit / alpha", "gain=unit / alpha"),
     ("running unit never renormalised", "fisherlib/estimators/_running.py",
-     "                    v *= self._unit\n", "                    v *= 1.0\n"),
+     "                    terms[k] *= self._unit", "                    terms[k] *= 1.0"),
     ("running EMA weight not on the probes", "fisherlib/estimators/_running.py",
      "hut *= self._scale(N)", "hut *= 1.0"),
     ("training loss cotangent without 1/N", "fisherlib/core/cotangents.py", "    ct *= 1.0 / N\n", "    ct *= 1.0\n"),

@@ -167,6 +167,9 @@ def fold_scaled(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], *, ga
                 q *= q
                 q *= gain
                 S += q
+        state["m"][key] = M  # the same array, or (immutable arrays: JAX) the new one
+        if S is not None:
+            state["s"][key] = S
 
 
 def _decayed(old: Array, beta: float, inplace: bool) -> Array:
@@ -336,8 +339,9 @@ class RunningFisher:
         beta, alpha = self._weights()
         if self._unit < 1e-6 and self.state is not None:
             for part in ("m", "s"):
-                for v in self.state.get(part, {}).values():
-                    v *= self._unit
+                terms = self.state.get(part, {})
+                for k in terms:
+                    terms[k] *= self._unit  # stored back: JAX arrays rebind
             self._unit = 1.0
         return math.sqrt(alpha / (n * self.probes * self._unit * beta))
 

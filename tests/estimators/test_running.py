@@ -280,3 +280,16 @@ def test_state_dict_is_a_snapshot_and_update_leaves_the_callers_arrays():
     rf2.update([g], ["w"], n=1)
     np.testing.assert_array_equal(g, [[1.0], [3.0]])
     np.testing.assert_allclose(rf2.value["diag:w"], [5.0])
+
+
+def test_update_without_a_backend_takes_immutable_arrays_too():
+    """update() with no backend runs the eager in-place path; JAX arrays cannot change in place,
+    so the new moments must be stored, not lost."""
+    jnp = pytest.importorskip("jax.numpy")
+    a, b = RunningFisher("diag", probes=2, decay=0.5), RunningFisher("diag", probes=2, decay=0.5)
+    for t in range(25):  # past a renormalisation of the unit (0.5^20 < 1e-6)
+        g = np.array([[1.0 + t % 3, 2.0], [2.0 - t % 3, 0.5]])
+        a.update([g], ["w"], n=2)
+        b.update([jnp.asarray(g)], ["w"], n=2)
+    np.testing.assert_allclose(np.asarray(b.value["diag:w"]), a.value["diag:w"], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(b.stderr["diag:w"]), a.stderr["diag:w"], rtol=1e-5)
