@@ -81,7 +81,7 @@ def bench_torch(s, repeats):
 
     from fisherlib import backends
 
-    be = backends.get("torch")
+    be = backends.get("torch", batch_probes=True)  # "batch8" is one is_grads_batched call, on any device
     rows = []
     for name, (model, x) in torch_models(s).items():
         model.eval()  # no dropout; the same graph in every variant
