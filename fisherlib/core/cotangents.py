@@ -198,10 +198,14 @@ def cross_entropy_and_hutchinson(z: Array, y: Array, xi: Array) -> tuple[Array, 
     return loss, xp.concat([ct[None, ...], hut], axis=0)
 
 
-def training_cotangents(z: Array, y: Array, xi: Array) -> tuple[Array, Array, Array]:
+def training_cotangents(z: Array, y: Array, xi: Array, weights: Array | None = None
+                        ) -> tuple[Array, Array, Array]:
     """:func:`cross_entropy_and_hutchinson` unstacked: (loss, ∂L/∂z (N, C), B(p̃)ξ (K, N, C)).
 
     For a caller that pulls the rows back one call each: it never needs the (1 + K, N, C) stack.
+    ``weights`` (N,) of 0 and 1 leave outputs out (ignored labels, padding): the loss is the
+    mean over the M = Σ w counted rows, ∂L/∂z = w (p − e_y)/M, and the probe rows of the others
+    are zero, so that their pull-backs hold the counted outputs' Fisher only.
     """
     xp, zw, dtype = check_logits(z)
     N, C = zw.shape
@@ -212,9 +216,17 @@ def training_cotangents(z: Array, y: Array, xi: Array) -> tuple[Array, Array, Ar
     picked = xp.take(xp.reshape(s, (-1,)), xp.astype(y, xp.int64) + C * xp.arange(N, dtype=xp.int64, device=dev))
     p = xp.exp(s)
     total = xp.sum(p, axis=-1, keepdims=True)
-    loss = xp.sum(xp.log(total[:, 0]) - picked) / N
+    terms = xp.log(total[:, 0]) - picked
+    if weights is None:
+        loss = xp.sum(terms) / N
+    else:
+        w = xp.astype(weights, p.dtype)
+        count = xp.clip(xp.sum(w), min=1.0)
+        loss = xp.sum(w * terms) / count
     p *= 1.0 / total
     ct = p - xp.astype(y[:, None] == xp.arange(C, device=dev), p.dtype)
-    ct *= 1.0 / N
+    ct *= 1.0 / N if weights is None else (w / count)[:, None]
     hut = simplex.apply_factor(p, xp.sqrt(p), xp.astype(xi, p.dtype) if xi.dtype != p.dtype else xi, xp=xp)
+    if weights is not None:
+        hut *= w[:, None]
     return restore(loss, dtype, xp=xp), restore(ct, dtype, xp=xp), restore(hut, dtype, xp=xp)

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 from .. import backends as _backends
 from ..core import cotangents
-from ..core._compat import array_namespace, device
+from ..core._compat import array_namespace, device, is_eager
 from ..core._lib import log_softmax
 from ._seeds import derive
 from ._units import STRUCTURES, Layout, Unit, from_units, layout, to_units, units
@@ -223,6 +223,11 @@ class RunningFisher:
     stderr : bool
         Keep the second moments for :attr:`stderr` (``False`` saves their memory and about half
         the update's work: what an optimizer needs).
+    ignore_index : int or None
+        Class-index targets equal to it (HuggingFace's -100 marks padding and prompt tokens)
+        count in neither the loss nor the Fisher: the loss is the mean over the counted outputs,
+        and the estimate is the per-output mean Fisher over them (as ``fisher(ignore_index=)``).
+        ``None``: every target must be a class index.
 
     Notes
     -----
@@ -248,7 +253,7 @@ class RunningFisher:
 
     def __init__(self, structure: str = "diag", *, probes: int = 1, decay: float | None = 0.95,
                  dist: str = "rademacher", likelihood: str = "softmax", seed: int = 0, backend: Any = None,
-                 stderr: bool = True):
+                 stderr: bool = True, ignore_index: int | None = -100):
         if structure not in STRUCTURES:
             raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
         if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
@@ -260,7 +265,9 @@ class RunningFisher:
         if likelihood != "softmax":
             raise ValueError(f"likelihood: only 'softmax' (cross-entropy training) is supported, got {likelihood!r}")
         self.structure, self.probes, self.decay, self.dist, self.seed = structure, probes, decay, dist, seed
-        self.backend, self.keep_stderr = backend, bool(stderr)
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise ValueError(f"ignore_index: expected an integer or None, got {ignore_index!r}")
+        self.backend, self.keep_stderr, self.ignore_index = backend, bool(stderr), ignore_index
         self.layout: Layout | None = None
         self.state: dict | None = None
         self._unit = 1.0  # eager state: m = M·unit, s = S·unit (fold_scaled)
@@ -280,9 +287,7 @@ class RunningFisher:
         if loss is None:  # the step's own forward: batch-norm statistics update where the adapter can
             logits, vjp = (getattr(be, "train_linearize", None) or be.linearize)(model, params, inputs)
             z = _flat(logits)
-            y = _labels(targets, z)
-            if not update:
-                value, ct_loss = self._fn(be, "ce", _cross_entropy)(z, y)
+            y, keep, counted = _labels(targets, z, self.ignore_index)
         else:
             lin = getattr(be, "loss_linearize", None)
             if lin is None:
@@ -291,15 +296,21 @@ class RunningFisher:
             logits, value, ct_loss, vjp = lin(model, params, inputs, loss, targets)
             z = _flat(logits)
             ct_loss = _flat(ct_loss)
+            keep, counted = _framework_targets(targets, z, self.ignore_index)
         xp = array_namespace(z)
+        N, C = z.shape
+        K = self.probes if update else 0
+        xi = (be.probes(_step_seed(self.seed, self.steps), (K, N, C), self.dist, like=z) if update
+              else xp.zeros((0, N, C), dtype=z.dtype, device=device(z)))
+        if loss is None:  # loss and probe cotangents from one softmax
+            value, ct_loss, hut = self._fn(be, "train", cotangents.training_cotangents)(z, y, xi, keep)
+        elif update:
+            hut = self._fn(be, "probe", cotangents.hutchinson)(z, xi)
+            if keep is not None:
+                hut *= xp.astype(keep, hut.dtype)[:, None]
         if not update:
             return value, vjp(xp.reshape(ct_loss, tuple(logits.shape)))
-        N, C = z.shape
-        xi = be.probes(_step_seed(self.seed, self.steps), (self.probes, N, C), self.dist, like=z)
-        if loss is None:  # loss and probe cotangents from one softmax
-            value, ct_loss, hut = self._fn(be, "train", cotangents.training_cotangents)(z, y, xi)
-        else:
-            hut = self._fn(be, "probe", cotangents.hutchinson)(z, xi)
+        N = counted
         eager = getattr(be, "compile", None) is None
         if eager:  # the EMA's weights ride on the probe cotangents (fold_scaled)
             hut *= self._scale(N)
@@ -449,12 +460,59 @@ def _flat(logits):
     return xp.reshape(logits, (-1, logits.shape[-1]))
 
 
-def _labels(targets, z):
+def _labels(targets, z, ignore_index):
+    """(class indices, 0/1 weights or None, how many outputs count) for the core's cross-entropy.
+
+    Ignored targets become class 0 with weight 0; eager targets outside [0, C) are an error.
+    """
     xp = array_namespace(z)
     if type(targets) is not type(z):
         import numpy as np
 
         targets = xp.asarray(np.asarray(targets), device=device(z))
-    if tuple(targets.shape) != (z.shape[0],):
-        raise ValueError(f"targets: expected class indices of shape ({z.shape[0]},), got {tuple(targets.shape)}")
-    return targets
+    N, C = z.shape
+    if tuple(targets.shape) != (N,):
+        raise ValueError(f"targets: expected class indices of shape ({N},), got {tuple(targets.shape)}")
+    if not xp.isdtype(targets.dtype, "integral"):
+        raise ValueError(f"targets: expected integer class indices, got dtype {targets.dtype}")
+    if not is_eager(targets):  # traced: no checks, every output counts
+        return targets, None, N
+    keep = None if ignore_index is None else targets != ignore_index
+    bad = (targets < 0) | (targets >= C)
+    if keep is not None:
+        bad = bad & keep
+    n_bad, counted = _counts(bad, keep, N)
+    if n_bad:
+        raise ValueError(f"targets: class indices must lie in [0, {C}); got {int(targets[bad][0])}"
+                         + (f" (ignore_index={ignore_index} marks outputs to leave out)" if ignore_index is not None else ""))
+    if counted == 0:
+        raise ValueError(f"targets: every target equals ignore_index={ignore_index}; no output counts")
+    if counted == N:
+        return targets, None, N
+    return xp.where(keep, targets, xp.zeros_like(targets)), keep, counted
+
+
+def _counts(bad, keep, N) -> tuple[int, int]:
+    """(Σ bad, Σ keep or N) with one device sync: both counts are at most N, so they travel as
+    one integer Σ bad · (N + 1) + Σ keep."""
+    xp = array_namespace(bad)
+    code = xp.count_nonzero(bad) * (N + 1)
+    if keep is not None:
+        code = code + xp.count_nonzero(keep)
+    n_bad, counted = divmod(int(code), N + 1)
+    return n_bad, counted if keep is not None else N
+
+
+def _framework_targets(targets, z, ignore_index):
+    """With a framework loss: the 0/1 weights of the probes' outputs when ``targets`` are class
+    indices holding ``ignore_index`` (None: every output counts), and how many count."""
+    N = z.shape[0]
+    xp = array_namespace(z)
+    if (ignore_index is None or type(targets) is not type(z) or tuple(targets.shape) != (N,)
+            or not xp.isdtype(targets.dtype, "integral") or not is_eager(targets)):
+        return None, N
+    keep = targets != ignore_index
+    _, counted = _counts(xp.zeros_like(keep), keep, N)
+    if counted == 0:
+        raise ValueError(f"targets: every target equals ignore_index={ignore_index}; no output counts")
+    return (None, N) if counted == N else (keep, counted)

@@ -293,3 +293,54 @@ def test_update_without_a_backend_takes_immutable_arrays_too():
         b.update([jnp.asarray(g)], ["w"], n=2)
     np.testing.assert_allclose(np.asarray(b.value["diag:w"]), a.value["diag:w"], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(b.stderr["diag:w"]), a.stderr["diag:w"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("framework_loss", [False, True])
+def test_ignored_targets_count_in_neither_the_loss_nor_the_fisher(framework_loss):
+    """Targets equal to ignore_index (-100) leave their outputs out: the loss is the counted
+    outputs' mean, the loss gradient theirs, and the running estimate equals the one from the
+    counted outputs alone (the same probes on them: the ignored rows are zeroed, not dropped)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(N, 4, dtype=torch.float64), torch.randint(0, 3, (N,))
+    y_ign = y.clone()
+    y_ign[::3] = -100
+    kept = y_ign != -100
+    kw = {"loss": torch.nn.functional.cross_entropy} if framework_loss else {}
+    rf = RunningFisher("diag", probes=3, decay=None, seed=1)
+    value, grads = rf.step(m, None, x, y_ign, **kw)
+    ref = torch.nn.functional.cross_entropy(m(x[kept]), y[kept])
+    ref_grads = torch.autograd.grad(ref, list(m.parameters()))
+    assert abs(float(value) - ref.item()) < 1e-12
+    for g, r in zip(grads.values(), ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
+    # The same probes (same seed, same step) on the counted outputs only, through the pure update.
+    from fisherlib.core import cotangents
+    from fisherlib.estimators._running import _step_seed, init_state, layout, state_value, update_state
+
+    be = backends.get("torch")
+    z, vjp = be.linearize(m, None, x)
+    xi = be.probes(_step_seed(1, 0), (3, N, 3), "rademacher", like=z)
+    hut = cotangents.hutchinson(z, xi) * kept[:, None].double()
+    pulled = [vjp(hut[k]) for k in range(3)]
+    names = [n for n, _ in m.named_parameters()]
+    lay = layout(names, [tuple(p.shape) for p in m.parameters()], "diag")
+    st = update_state(lay, init_state(lay, z), [torch.stack([p[n] for p in pulled]) for n in names],
+                      int(kept.sum()), None)
+    for k, v in state_value(st).items():
+        torch.testing.assert_close(rf.value[k], v, rtol=1e-10, atol=0)
+
+
+def test_targets_out_of_range_are_named():
+    model, params, x, y = _setup()
+    bad = np.array(y)
+    bad[2] = 7
+    with pytest.raises(ValueError, match=r"targets: class indices must lie in \[0, 3\); got 7"):
+        RunningFisher().step(model, params, x, bad)
+    with pytest.raises(ValueError, match="no output counts"):
+        RunningFisher().step(model, params, x, np.full(N, -100))
+    with pytest.raises(ValueError, match="got -100"):
+        RunningFisher(ignore_index=None).step(model, params, x, np.full(N, -100))
+    with pytest.raises(ValueError, match="integer class indices"):
+        RunningFisher().step(model, params, x, y.astype(float))
