@@ -51,7 +51,9 @@ MUTANTS = [
      "                    terms[k] *= self._unit", "                    terms[k] *= 1.0"),
     ("running EMA weight not on the probes", "fisherlib/estimators/_running.py",
      "hut *= self._scale(N)", "hut *= 1.0"),
-    ("training loss cotangent without 1/N", "fisherlib/core/cotangents.py", "    ct *= 1.0 / N\n", "    ct *= 1.0\n"),
+    ("training loss cotangent without 1/N", "fisherlib/core/cotangents.py",
+     "ct *= 1.0 / N if weights is None", "ct *= 1.0 if weights is None"),
+    ("ignored outputs keep their probes", "fisherlib/core/cotangents.py", "        hut *= w[:, None]\n", "        hut *= 1.0\n"),
     ("one probe's factor adds p(√p·ξ)", "fisherlib/core/simplex.py", "        a -= p\n", "        a += p\n"),
     # -- products of gradients
     ("diag squares the batch sum", "fisherlib/estimators/_products.py",
