@@ -287,7 +287,7 @@ class RunningFisher:
         if loss is None:  # the step's own forward: batch-norm statistics update where the adapter can
             logits, vjp = (getattr(be, "train_linearize", None) or be.linearize)(model, params, inputs)
             z = _flat(logits)
-            y, keep, counted = _labels(targets, z, self.ignore_index)
+            y, keep, counted = _labels(targets, z, self.ignore_index, tuple(logits.shape[:-1]))
         else:
             lin = getattr(be, "loss_linearize", None)
             if lin is None:
@@ -296,7 +296,7 @@ class RunningFisher:
             logits, value, ct_loss, vjp = lin(model, params, inputs, loss, targets)
             z = _flat(logits)
             ct_loss = _flat(ct_loss)
-            keep, counted = _framework_targets(targets, z, self.ignore_index)
+            keep, counted = _framework_targets(targets, z, self.ignore_index, tuple(logits.shape[:-1]))
         xp = array_namespace(z)
         N, C = z.shape
         K = self.probes if update else 0
@@ -460,10 +460,12 @@ def _flat(logits):
     return xp.reshape(logits, (-1, logits.shape[-1]))
 
 
-def _labels(targets, z, ignore_index):
+def _labels(targets, z, ignore_index, lead=None):
     """(class indices, 0/1 weights or None, how many outputs count) for the core's cross-entropy.
 
-    Ignored targets become class 0 with weight 0; eager targets outside [0, C) are an error.
+    Targets shaped like the logits' leading axes ``lead`` (a sequence model's (N, T) labels)
+    are flattened like the logits. Ignored targets become class 0 with weight 0; eager targets
+    outside [0, C) are an error.
     """
     xp = array_namespace(z)
     if type(targets) is not type(z):
@@ -471,8 +473,11 @@ def _labels(targets, z, ignore_index):
 
         targets = xp.asarray(np.asarray(targets), device=device(z))
     N, C = z.shape
+    if lead is not None and len(lead) > 1 and tuple(targets.shape) == lead:
+        targets = xp.reshape(targets, (N,))
     if tuple(targets.shape) != (N,):
-        raise ValueError(f"targets: expected class indices of shape ({N},), got {tuple(targets.shape)}")
+        want = f"({N},)" + (f" or {lead}" if lead is not None and len(lead) > 1 else "")
+        raise ValueError(f"targets: expected class indices of shape {want}, got {tuple(targets.shape)}")
     if not xp.isdtype(targets.dtype, "integral"):
         raise ValueError(f"targets: expected integer class indices, got dtype {targets.dtype}")
     if not is_eager(targets):  # traced: no checks, every output counts
@@ -503,11 +508,13 @@ def _counts(bad, keep, N) -> tuple[int, int]:
     return n_bad, counted if keep is not None else N
 
 
-def _framework_targets(targets, z, ignore_index):
+def _framework_targets(targets, z, ignore_index, lead=None):
     """With a framework loss: the 0/1 weights of the probes' outputs when ``targets`` are class
     indices holding ``ignore_index`` (None: every output counts), and how many count."""
     N = z.shape[0]
     xp = array_namespace(z)
+    if lead is not None and len(lead) > 1 and type(targets) is type(z) and tuple(targets.shape) == lead:
+        targets = xp.reshape(targets, (N,))
     if (ignore_index is None or type(targets) is not type(z) or tuple(targets.shape) != (N,)
             or not xp.isdtype(targets.dtype, "integral") or not is_eager(targets)):
         return None, N

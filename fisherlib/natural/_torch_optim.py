@@ -138,6 +138,8 @@ class NaturalGradient(torch.optim.Optimizer):
                 z = logits.reshape(-1, logits.shape[-1])
                 if not isinstance(targets, torch.Tensor):
                     targets = torch.as_tensor(np.asarray(targets), device=z.device)
+                if targets.ndim > 1 and tuple(targets.shape) == tuple(logits.shape[:-1]):
+                    targets = targets.reshape(-1)  # a sequence model's (N, T) labels, as RunningFisher takes them
                 if tuple(targets.shape) != (z.shape[0],):
                     raise ValueError(f"targets: expected class indices of shape ({z.shape[0]},), "
                                      f"got {tuple(targets.shape)}")

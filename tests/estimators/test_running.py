@@ -344,3 +344,29 @@ def test_targets_out_of_range_are_named():
         RunningFisher(ignore_index=None).step(model, params, x, np.full(N, -100))
     with pytest.raises(ValueError, match="integer class indices"):
         RunningFisher().step(model, params, x, y.astype(float))
+
+
+def test_sequence_targets_shaped_like_the_logits_are_flattened():
+    """A sequence model's (N, T) labels with -100 padding, as HuggingFace passes them: the same
+    step as with the flattened labels, and as NaturalGradient's plain steps between refreshes."""
+    torch = pytest.importorskip("torch")
+    from fisherlib.natural import NaturalGradient
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    x = torch.randn(3, 6, 4, dtype=torch.float64)  # (N, T, features): logits (3, 6, 3)
+    y = torch.randint(0, 3, (3, 6))
+    y[:, -2:] = -100  # padding
+    a, b = RunningFisher("diag", probes=2, seed=3), RunningFisher("diag", probes=2, seed=3)
+    va, ga = a.step(net, None, x, y)
+    vb, gb = b.step(net, None, x, y.reshape(-1))
+    assert float(va) == float(vb)
+    for k in a.value:
+        torch.testing.assert_close(a.value[k], b.value[k], rtol=0, atol=0)
+    ref = torch.nn.functional.cross_entropy(net(x).reshape(-1, 3), y.reshape(-1))
+    assert abs(float(va) - ref.item()) < 1e-12
+    opt = NaturalGradient(net, lr=0.1, refresh=2)
+    for _ in range(2):  # a refresh, then a plain step
+        assert abs(float(opt.backward(x, y)) - ref.item()) < 1e-12
+    with pytest.raises(ValueError, match=r"\(18,\) or \(3, 6\)"):
+        a.step(net, None, x, y[:, :3])
