@@ -241,3 +241,27 @@ def test_batch_norm_statistics_update_as_in_plain_training():
     with pytest.warns(fisherlib.backends.BatchNormWarning):  # training mode: inputs are coupled
         fisherlib.fisher(net, None, x, probes=1)
     torch.testing.assert_close(net[1].running_mean, before, rtol=0, atol=0)
+
+
+def test_trains_a_huggingface_causal_lm_with_padded_labels():
+    """A tiny random GPT-2 (transformers' Conv1D layers, (in, out) weights), dict inputs and
+    (N, T) labels with -100 padding, as a HuggingFace training loop passes them: the reported
+    loss is the model's own masked loss, and a few Ollivier steps lower it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # a deterministic reference
+    lm = transformers.GPT2LMHeadModel(cfg).double()
+    ids = torch.randint(0, 50, (4, 10))
+    labels = ids.clone()
+    labels[:, -3:] = -100
+    batch = {"input_ids": ids}
+    opt = NaturalGradient(lm, lr=0.05, preconditioner="ollivier", refresh=2)
+    first = float(opt.backward(batch, labels))
+    ref = torch.nn.functional.cross_entropy(lm(**batch).logits.reshape(-1, 50), labels.reshape(-1))
+    assert abs(first - ref.item()) < 1e-10
+    for _ in range(5):
+        opt.step()
+        last = float(opt.backward(batch, labels))
+    assert last < first
