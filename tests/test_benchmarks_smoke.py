@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
+
+from tests._benchmarks import load_benchmark
 
 pytest.importorskip("torch")
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "estimators.py"
-
 
 def _load():
-    # As when run as a script: benchmarks/ (for its shared _measure module) first on the path.
-    if str(SCRIPT.parent) not in sys.path:
-        sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("_bench_estimators", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("estimators")
 
 
 def _tables(text: str) -> list[list[list[str]]]:

@@ -37,7 +37,6 @@ from typing import Any, Sequence
 from .. import backends as _backends
 from ..core import cotangents
 from ..core._compat import array_namespace, device, is_eager
-from ..core._lib import log_softmax
 from ._seeds import derive
 from ._units import STRUCTURES, Layout, Unit, from_units, layout, to_units, units
 
@@ -112,20 +111,13 @@ def update_state(lay: Layout, state: dict, grads: Sequence[Array], n: int, decay
     m ← β m + (α/n) mean_k q_k and s ← β s + (α/n²) mean_k q_k² for the raw terms q_k (g², g_w g_b,
     unit outer products).
     """
-    return fold(lay, state, _rows(grads), n, decay, inplace=False)
+    return fold(lay, state, _rows(grads), n, decay)
 
 
-def fold(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], n: int, decay: float | None, *,
-         inplace: bool, own_rows: bool = False) -> dict:
-    """:func:`update_state` from K ``rows`` of leaf gradients (one list of leaves per probe).
-
-    ``inplace=True`` updates the state's arrays in place, and ``own_rows=True`` squares the rows'
-    diagonal terms in place (for a caller that owns them: :class:`RunningFisher`): on a CPU each
-    fresh P-sized array costs more than the arithmetic on it (a newly page-faulted buffer once it
-    is past the allocator's cache). JAX arrays are immutable: there the operators below rebind,
-    and the function stays pure either way.
-    """
-    beta, alpha = (1.0, 1.0) if decay is None else (float(decay), 1.0 - float(decay))
+def fold(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], n: int, decay: float | None) -> dict:
+    """:func:`update_state` from K ``rows`` of leaf gradients (one list of leaves per probe), pure:
+    what a compiled (JAX) step runs; eager steps use :func:`fold_scaled` in place."""
+    beta, alpha = _ema_weights(decay)
     K = len(rows)
     c = alpha / (n * K)  # m's weight of each probe's raw term; s's is (α/(n²K)) = c² · K/α
     out = {"m": {}, "w": beta * state["w"] + alpha, "w2": beta * beta * state["w2"] + alpha * alpha,
@@ -133,11 +125,10 @@ def fold(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], n: int, deca
     moments = ("m", "s") if "s" in state else ("m",)
     for part in moments[1:]:
         out[part] = {}
-    # Diagonal terms last: squaring a leaf in place must come after the unit terms that read it.
-    for key in sorted(lay.keys, key=lambda k: k.startswith("diag:")):
-        acc = {part: _decayed(state[part][key], beta, inplace) for part in moments}
+    for key in lay.keys:
+        acc = {part: beta * state[part][key] for part in moments}  # new arrays, added to below
         for gs in rows:
-            q = _term(lay, key, gs, overwrite=own_rows)  # a fresh array, or the caller's to lose
+            q = _term(lay, key, gs)
             q *= c
             acc["m"] += q
             if "s" in acc:
@@ -149,6 +140,11 @@ def fold(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], n: int, deca
     return out
 
 
+def _ema_weights(decay: float | None) -> tuple[float, float]:
+    """(β, α) of m ← β m + α q: (decay, 1 − decay), or (1, 1) for a plain running sum."""
+    return (1.0, 1.0) if decay is None else (float(decay), 1.0 - float(decay))
+
+
 def fold_scaled(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], *, gain: float, own_rows: bool) -> None:
     """Eager in-place form of :func:`fold` for moments kept in a shrinking unit u (m = M·u, s = S·u).
 
@@ -158,7 +154,8 @@ def fold_scaled(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], *, ga
     gain = K u'/α: no pass to decay the state, none to weight the terms. The caller folds σ into
     the cotangents and renormalises (M, S ← M u, S u; u ← 1) before u underflows.
     """
-    for key in sorted(lay.keys, key=lambda k: k.startswith("diag:")):  # diagonal terms last (see fold)
+    # Diagonal terms last: squaring a leaf in place must come after the unit terms that read it.
+    for key in sorted(lay.keys, key=lambda k: k.startswith("diag:")):
         M, S = state["m"][key], state.get("s", {}).get(key)
         for gs in rows:
             q = _term(lay, key, gs, overwrite=own_rows)
@@ -170,15 +167,6 @@ def fold_scaled(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], *, ga
         state["m"][key] = M  # the same array, or (immutable arrays: JAX) the new one
         if S is not None:
             state["s"][key] = S
-
-
-def _decayed(old: Array, beta: float, inplace: bool) -> Array:
-    """β·old: in place when asked, else a new array (one the caller can add to in place)."""
-    if inplace:
-        if beta != 1.0:
-            old *= beta
-        return old
-    return beta * old if beta != 1.0 else old + 0.0
 
 
 def state_value(state: dict, unit: float = 1.0) -> dict[str, Array]:
@@ -341,13 +329,10 @@ class RunningFisher:
         """Fold one step's probe gradients (K, *leaf) over ``n`` inputs into the estimate."""
         self._fold(names, n, backend, stacked=list(probe_grads), owned=False)
 
-    def _weights(self) -> tuple[float, float]:
-        return (1.0, 1.0) if self.decay is None else (float(self.decay), 1.0 - float(self.decay))
-
     def _scale(self, n: int) -> float:
         """σ = √(α / (n K u')) for the next step's probes, u' = β u; renormalises M, S first when
         u gets small (one pass over the state every ~log(10⁶)/log(1/β) steps)."""
-        beta, alpha = self._weights()
+        beta, alpha = _ema_weights(self.decay)
         if self._unit < 1e-6 and self.state is not None:
             for part in ("m", "s"):
                 terms = self.state.get(part, {})
@@ -370,7 +355,7 @@ class RunningFisher:
             if not scaled:
                 sigma = self._scale(n)
                 rows, owned = [[g * sigma for g in gs] for gs in rows], True
-            beta, alpha = self._weights()
+            beta, alpha = _ema_weights(self.decay)
             unit = self._unit * beta
             fold_scaled(lay, self.state, rows, gain=len(rows) * unit / alpha, own_rows=owned)
             st = self.state
@@ -378,8 +363,7 @@ class RunningFisher:
             self._unit = unit
             return
         key = ("update", n, "rows" if rows is not None else "stacked")
-        fn = self._fn(backend, key, lambda st, ps: fold(lay, st, ps if rows is not None else _rows(ps), n, decay,
-                                                      inplace=False))
+        fn = self._fn(backend, key, lambda st, ps: fold(lay, st, ps if rows is not None else _rows(ps), n, decay))
         self.state = fn(self.state, rows if rows is not None else stacked)
 
     def _backend(self, params):
@@ -435,10 +419,8 @@ class RunningFisher:
 def _cross_entropy(z, y):
     """(mean cross-entropy, its logit cotangent (p − e_y)/N) from logits z (N, C) and classes y."""
     xp = array_namespace(z)
-    N = z.shape[0]
-    res = cotangents.label_residual(z, y)  # e_y - p
-    lp = log_softmax(z, xp=xp)
-    return -xp.sum((res + xp.exp(lp)) * lp) / N, -res / N
+    value, ct, _ = cotangents.training_cotangents(z, y, xp.zeros((0, *z.shape), dtype=z.dtype, device=device(z)))
+    return value, ct
 
 
 def _stack(z, ct_loss, xi):

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
+
+from tests._benchmarks import load_benchmark
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "natural_gradient.py"
-
 
 def _load():
-    if str(SCRIPT.parent) not in sys.path:
-        sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("_bench_natural", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("natural_gradient")
 
 
 def test_runs_and_tabulates():
