@@ -179,11 +179,18 @@ class FisherEstimate:
         return replace(self, parts=[_to_numpy(x) for x in self.parts], _tree=None)
 
     def save(self, path) -> None:
-        """Write to ``.npz`` (arrays plus JSON metadata; no pickle).
+        """Write to ``.npz`` (arrays plus JSON metadata; no pickle), or to safetensors.
 
         Like ``numpy.savez``, a path without the ``.npz`` suffix gets it: ``save("f")`` writes
-        ``f.npz``, which ``load("f")`` and ``load("f.npz")`` both read.
+        ``f.npz``, which ``load("f")`` and ``load("f.npz")`` both read. A path ending in
+        ``.safetensors`` writes that format instead (tensors named as the parameters, the
+        provenance in the header: :mod:`fisherlib.integrations.safetensors`; needs the
+        ``safetensors`` package).
         """
+        if _is_safetensors(path):
+            from ..integrations import safetensors as _st
+
+            return _st.save(self, path)
         meta = {k: getattr(self, k) for k in _META}
         meta["names"] = self.names
         meta["block_shapes"] = self.block_shapes
@@ -192,8 +199,23 @@ class FisherEstimate:
         np.savez(path, __meta__=np.asarray(json.dumps(meta)), **arrays)
 
     @classmethod
-    def load(cls, path) -> FisherEstimate:
-        """Read an estimate written by :meth:`save` (NumPy arrays); ``path`` with or without ``.npz``."""
+    def load(cls, path, *, model=None) -> FisherEstimate:
+        """Read an estimate written by :meth:`save` (NumPy arrays); ``path`` with or without ``.npz``.
+
+        A ``.safetensors`` path reads that format. With ``model`` (a torch module or parameter
+        tree), a diagonal estimate whose leaf names or shapes differ from the model's parameters
+        is a ``ValueError`` that lists the differences.
+        """
+        if _is_safetensors(path):
+            from ..integrations import safetensors as _st
+
+            return _st.load(path, model=model)
+        if model is not None:
+            from ..integrations import safetensors as _st
+
+            est = cls.load(path)
+            _st.check_against(est, model)
+            return est
         path = _npz_path(path)
         with np.load(path, allow_pickle=False) as f:
             meta = json.loads(str(f["__meta__"]))
@@ -202,6 +224,10 @@ class FisherEstimate:
         meta["block_shapes"] = {k: tuple(v) for k, v in meta["block_shapes"].items()}  # JSON lists
         return cls(names=names, parts=parts, **meta)
 
+
+
+def _is_safetensors(path) -> bool:
+    return isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith(".safetensors")
 
 
 def _npz_path(path):
