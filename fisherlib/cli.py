@@ -47,6 +47,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fisher(args: argparse.Namespace) -> int:
+    from .integrations.command import run
+
+    return run(args)
+
+
 def _info(args: argparse.Namespace) -> int:
     from .info import report
 
@@ -92,6 +98,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run (a smoke test)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     demo.set_defaults(func=_demo)
+
+    fis = sub.add_parser(
+        "fisher", help="compute the Fisher diagonal of a model over a dataset and write it to a file",
+        description="Compute diag F of a HuggingFace model directory or an importable torch module over "
+                    "a dataset, with a progress bar, and write it to a .safetensors file (tensors named "
+                    "as the model's parameters, value and stderr/<name>, the provenance in the header) "
+                    "or a .npz file. Nothing is downloaded.")
+    fis.add_argument("model", help="a HuggingFace model directory (config.json, weights, tokenizer), or "
+                                   "package.module:name for a torch.nn.Module or a callable returning one")
+    fis.add_argument("--data", required=True,
+                     help="HuggingFace: a .txt (one text a line), .jsonl, .csv or .tsv file; torch module: a "
+                          ".npz or .safetensors file with arrays x (and y); either: package.module:name, an "
+                          "iterable of batches or a callable returning one")
+    fis.add_argument("--out", default="fisher.safetensors", help="output file (default fisher.safetensors)")
+    fis.add_argument("--method", choices=("hutchinson", "exact", "mc", "empirical"), default="hutchinson",
+                     help="estimator (default hutchinson; empirical needs labels)")
+    fis.add_argument("--probes", type=_positive, default=1, help="probes K per batch (default 1)")
+    fis.add_argument("--batch-size", type=_positive, default=32, help="inputs per batch (default 32)")
+    fis.add_argument("--max-inputs", type=_positive, default=None, help="use only the first N inputs")
+    fis.add_argument("--max-length", type=_positive, default=128, help="tokens per text (default 128)")
+    fis.add_argument("--text-column", default="text", help="text column of a table (default text)")
+    fis.add_argument("--label-column", default="label", help="label column of a table, if any (default label)")
+    fis.add_argument("--reduction", choices=("sum", "mean"), default="sum",
+                     help="F as a sum over inputs (default) or their mean")
+    fis.add_argument("--dtype", choices=("model", "float64"), default="model",
+                     help="compute in the model's dtype (default) or in float64")
+    fis.add_argument("--seed", type=int, default=0, help="seed of the probes (default 0)")
+    fis.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    fis.set_defaults(func=_fisher)
 
     info = sub.add_parser("info", help="installed backends, devices and versions")
     info.set_defaults(func=_info)
