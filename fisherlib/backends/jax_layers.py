@@ -176,7 +176,13 @@ def capture(backend, model: Callable, params: Any, inputs: Any):
     fwd, pull, pull_one = compiled
     logits, xs, pullback = fwd(leaves, [flat[k] for k in arrays])
     if separate is None:  # once per model and shape
-        separate = hit[3] = _separate(pull, pullback, logits)
+        if isinstance(logits, jax.core.Tracer):  # inside jit: decide on concrete stand-ins now
+            with jax.ensure_compile_time_eval():
+                _, _, concrete = fwd([_stand_in(a, i) for i, a in enumerate(leaves)],
+                                     [_stand_in(flat[k], i) for i, k in enumerate(arrays)])
+                separate = hit[3] = _separate(pull, concrete, logits)
+        else:
+            separate = hit[3] = _separate(pull, pullback, logits)
         if not separate:
             warnings.warn(
                 f"model: {getattr(model, '__name__', type(model).__name__)} mixes the inputs of a batch "
@@ -216,6 +222,16 @@ def _separate(pull, pullback, logits) -> bool:
         if not (np.all(g[0, 1:] == 0) and np.all(g[1, :-1] == 0)):
             return False
     return True
+
+
+def _stand_in(a, i: int) -> jax.Array:
+    """A concrete array shaped like ``a`` for :func:`_separate` under a trace: seeded normal
+    floats (whether inputs mix is a property of the model's data flow, not of the values),
+    ones for integers and booleans (valid token ids and masks)."""
+    dt = jnp.result_type(a)
+    if jnp.issubdtype(dt, jnp.floating):
+        return jnp.asarray(np.random.default_rng(i).standard_normal(np.shape(a)) * 0.5, dt)
+    return jnp.ones(np.shape(a), dt)
 
 
 def _same(a, b) -> bool:

@@ -22,6 +22,13 @@ def restore(x: Array, dtype, *, xp) -> Array:
     return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
+def index_dtype(like: Array, *, xp):
+    """The namespace's default integer dtype on ``like``'s device, for indices built by the core:
+    int64 where it exists, int32 for JAX with ``jax_enable_x64`` off (asking JAX for int64
+    there warns and truncates)."""
+    return xp.__array_namespace_info__().default_dtypes(device=device(like))["integral"]
+
+
 def log_softmax(z: Array, *, xp) -> Array:
     """Stable log-softmax over the last axis; -inf logits give -inf (probability exactly 0).
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import hypercube, simplex
 from ._compat import check_logits, device, namespace_of
-from ._lib import log_sigmoid, log_softmax, restore
+from ._lib import index_dtype, log_sigmoid, log_softmax, restore
 
 Array = Any
 
@@ -152,9 +152,7 @@ def sample_labels(z: Array, u: Array, likelihood: str = "softmax") -> Array:
     if _likelihood(likelihood) is hypercube:
         return xp.astype(u < xp.exp(log_sigmoid(zw, xp=xp)), zw.dtype)
     cdf = xp.cumulative_sum(xp.exp(log_softmax(zw, xp=xp)), axis=-1)
-    # The namespace's default integer: JAX without x64 has no int64.
-    integral = xp.__array_namespace_info__().default_dtypes(device=device(zw))["integral"]
-    idx = xp.sum(xp.astype(cdf[None, ...] <= u[..., None], integral), axis=-1)
+    idx = xp.sum(xp.astype(cdf[None, ...] <= u[..., None], index_dtype(zw, xp=xp)), axis=-1)
     return xp.clip(idx, max=zw.shape[-1] - 1)
 
 
@@ -213,7 +211,9 @@ def training_cotangents(z: Array, y: Array, xi: Array, weights: Array | None = N
     # Few fresh arrays of N·C entries, reused in place: on a CPU each fresh one costs more than
     # its arithmetic (docs/natural-gradient.md, "Cost").
     s = zw - xp.max(zw, axis=-1, keepdims=True)
-    picked = xp.take(xp.reshape(s, (-1,)), xp.astype(y, xp.int64) + C * xp.arange(N, dtype=xp.int64, device=dev))
+    # Row-wise indices in the default integer dtype (int32 for JAX without x64: no int64 requests
+    # there), never flat ones: N·C may pass 2^31 for a large vocabulary.
+    picked = xp.take_along_axis(s, xp.reshape(xp.astype(y, index_dtype(zw, xp=xp)), (N, 1)), axis=-1)[:, 0]
     p = xp.exp(s)
     total = xp.sum(p, axis=-1, keepdims=True)
     terms = xp.log(total[:, 0]) - picked

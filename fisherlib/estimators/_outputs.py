@@ -125,12 +125,13 @@ def by_position(cts: Iterable[Array], shape: tuple[int, ...], budget: int) -> It
             yield xp.reshape(out, (V * s, *shape))
 
 
-def count(m: Array | None, shape: tuple[int, ...]) -> int:
-    """How many outputs were counted: Σ m, or all N·T of them."""
+def count(m: Array | None, shape: tuple[int, ...]) -> int | Array:
+    """How many outputs were counted: Σ m, or all N·T of them (a traced Σ m under ``jax.jit``)."""
     if m is None:
         return math.prod(shape[:-1])
     xp = array_namespace(m)
-    return int(round(float(xp.sum(m))))
+    total = xp.sum(m)
+    return int(round(float(total))) if is_eager(total) else total
 
 
 def _array(x: Any, like: Array, what: str) -> Array:
