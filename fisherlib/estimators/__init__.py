@@ -2,7 +2,9 @@
 
 from ._estimate import FisherEstimate
 from ._fisher import fisher
+from ._kfac import KroneckerBlock, KroneckerFallbackWarning
+from ._kronecker import KroneckerEstimate
 from ._running import Layout, RunningFisher
 from ._sketch import Sketch
 
-__all__ = ["FisherEstimate", "Layout", "RunningFisher", "Sketch", "fisher"]
+__all__ = ["FisherEstimate", "KroneckerBlock", "KroneckerEstimate", "KroneckerFallbackWarning", "Layout", "RunningFisher", "Sketch", "fisher"]

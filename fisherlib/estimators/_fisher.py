@@ -6,17 +6,19 @@ import itertools
 import math
 import operator
 import time
+import warnings
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from .. import backends as _backends
-from ..core import cotangents
+from ..core import cotangents, kronecker
 from ..core._compat import array_namespace, as_floating, device, is_eager, logits_problem
 from ..core._lib import widen
-from . import _blocks, _outputs, _products
+from . import _blocks, _kfac, _outputs, _products
 from ._batches import batches as _batches
 from ._estimate import DETERMINISTIC, FisherEstimate, probe_moments, stderr_kind
+from ._kronecker import KroneckerEstimate
 from ._seeds import derive
 
 Array = Any
@@ -24,7 +26,8 @@ Array = Any
 __all__ = ["fisher"]
 
 METHODS = ("hutchinson", "exact", "mc", "empirical")
-STRUCTURES = ("diag", "blocks", "sketch", "trace")
+STRUCTURES = ("diag", "blocks", "sketch", "trace", "kfac", "ekfac")
+KRONECKER = ("kfac", "ekfac")
 BOUNDS = (None, "upper", "lower")
 DISTS = ("rademacher", "gaussian")
 REDUCTIONS = ("sum", "mean")
@@ -56,7 +59,9 @@ def fisher(
     logits: Callable[[Any], Array] | None = None,
     mask: str | Callable[[Any], Array] | None = "attention_mask",
     ignore_index: int | None = -100,
-) -> FisherEstimate:
+    kfac_approx: str = "expand",
+    basis: KroneckerEstimate | None = None,
+) -> FisherEstimate | KroneckerEstimate:
     r"""Estimate the Fisher information F(θ) = Σ_x J_xᵀ I(z_x) J_x of a classifier.
 
     Parameters
@@ -73,9 +78,11 @@ def fisher(
         ``(inputs, labels)`` pair must be given as ``[(inputs, labels)]``. Labels are used by
         ``method="empirical"`` (and mark ignored positions, see ``ignore_index``). A torch
         DataLoader works.
-    structure : {"diag", "blocks", "sketch", "trace"}
+    structure : {"diag", "blocks", "sketch", "trace", "kfac", "ekfac"}
         What to estimate: the diagonal (a tree shaped like ``params``), dense blocks (see
-        ``blocks``), a low-rank sketch F̂ = G Gᵀ/K, or the trace.
+        ``blocks``), a low-rank sketch F̂ = G Gᵀ/K, the trace, or Kronecker factors per layer
+        (K-FAC, or EK-FAC's re-fitted eigenbasis diagonal: a :class:`KroneckerEstimate`,
+        ``docs/kfac.md``).
     method : {"hutchinson", "exact", "mc", "empirical"}
         See Notes.
     likelihood : {"softmax", "sigmoid"}
@@ -134,10 +141,19 @@ def fisher(
         The Fisher is token-level, F = Σ_n Σ_t m_nt J_ntᵀ I(z_nt) J_nt over counted positions;
         ``n_inputs`` counts inputs and ``n_outputs`` the positions counted
         (``docs/huggingface-and-sequences.md``).
+    kfac_approx : {"expand", "reduce"}
+        With ``structure="kfac"`` or ``"ekfac"``: how positions sharing a weight (sequence
+        positions, convolution patches) enter the factors (Eschenhagen et al., 2023): each
+        (input, position) as an example ("expand", the default) or each input with its inputs
+        averaged and cotangents summed over positions ("reduce"); see :mod:`fisherlib.core.kronecker`.
+    basis : KroneckerEstimate, optional
+        With ``structure="ekfac"``: re-fit the diagonal in this K-FAC estimate's eigenbasis
+        in one pass (e.g. one all-reduced across ranks, so that the shards' estimates merge);
+        by default a first pass over ``batches`` computes the K-FAC factors it comes from.
 
     Returns
     -------
-    FisherEstimate
+    FisherEstimate or KroneckerEstimate
 
     Notes
     -----
@@ -182,8 +198,22 @@ def fisher(
     True
     """
     opts = _validate(structure, method, likelihood, bound, rank, probes, dist, per_example, reduction,
-                     blocks, seed, chunk_size)
+                     blocks, seed, chunk_size, kfac_approx, basis)
     probes, rank, seed = opts["probes"], opts["rank"], opts["seed"]  # NumPy integers become ints
+    if structure == "ekfac" and basis is None:  # two passes: the factors' eigenbases, then the diagonal
+        if iter(batches) is batches:
+            raise ValueError("batches: structure='ekfac' passes over the batches twice (the K-FAC factors, "
+                             "then the diagonal in their eigenbasis); give a list or a DataLoader, not an iterator")
+        kw = dict(method=method, likelihood=likelihood, bound=bound, rank=rank, probes=probes, dist=dist,
+                  per_example=per_example, seed=seed, first_batch=first_batch, batch_indices=batch_indices,
+                  reduction=reduction, backend=backend, progress=progress, chunk_size=chunk_size,
+                  keep_probes=keep_probes, labels=labels, logits=logits, mask=mask, ignore_index=ignore_index,
+                  kfac_approx=kfac_approx)
+        with warnings.catch_warnings():  # the second pass names the same fallback leaves
+            warnings.simplefilter("ignore", _kfac.KroneckerFallbackWarning)
+            first = fisher(model, params, batches, structure="kfac", **kw)
+        return fisher(model, params, batches, structure="ekfac", basis=first, **kw)
+    kron = None
     index = _global_indices(first_batch, batch_indices, method in DETERMINISTIC)
     done: list[int | None] = []  # global index of every batch run
     be = None
@@ -207,6 +237,13 @@ def fisher(
             names = [n for n, _ in be.leaves(template)]
             shapes = [tuple(x.shape) for _, x in be.leaves(template)]
             plan = _blocks.plan(names, shapes, blocks) if structure == "blocks" else None
+            if structure in KRONECKER:
+                kron = _kfac.Accumulator(
+                    kfac_approx, method in DETERMINISTIC,
+                    lambda c: _moments(keep_probes, structure, method, probes, c),
+                    basis=_kfac.eigenbases(basis, names) if structure == "ekfac" else None,
+                    blocks=basis.blocks if structure == "ekfac" else None,
+                    fallback=list(basis.fallback) if structure == "ekfac" else [])
         n = shape[0]  # inputs; z has a row per output (position)
         done.append(next(index))
         if method == "exact":  # the C columns in chunks, never the dense (C, n, C) stack
@@ -217,6 +254,13 @@ def fisher(
             cts = _outputs.masked(cts, m, shape)
         if method == "empirical" and _outputs.positions(shape) > 1:  # token-level: a column per position
             cts = _outputs.by_position(cts, shape, _products.ELEMENTS)
+        if kron is not None:
+            kron.add(be, model, params, inputs, cts, capture, m, shape, names, shapes, opts["chunk_size"])
+            parts = kron.parts  # marks the first batch done
+            n_inputs += n
+            n_outputs += _outputs.count(m, shape)
+            bar.inputs(n_inputs)
+            continue
         if opts["per_example"]:
             contrib = _products.per_example(
                 be, model, params, inputs, cts, capture, structure=structure, plan=plan, shapes=shapes,
@@ -235,11 +279,15 @@ def fisher(
         n_inputs += n
         n_outputs += _outputs.count(m, shape)
         bar.inputs(n_inputs)
+    if kron is not None:
+        return _kronecker_estimate(kron, opts, structure, be, template, names, shapes, n_inputs, n_outputs,
+                                   done, reduction)
     if parts is None:
         raise ValueError("batches: no batch was given")
 
     out_names = names if structure in ("diag", "sketch") else (
         ["trace"] if structure == "trace" else [blk.name for blk in plan])
+    _check_finite(parts, out_names)
     deterministic = method in DETERMINISTIC
     K = 0 if deterministic else probes
     kind = stderr_kind(method, probes)
@@ -255,6 +303,21 @@ def fisher(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _kronecker_estimate(kron, opts, structure, be, template, names, shapes, n_inputs, n_outputs, done,
+                        reduction) -> KroneckerEstimate:
+    method, probes = opts["method"], opts["probes"]
+    deterministic = method in DETERMINISTIC
+    return KroneckerEstimate(
+        names=names, shapes=shapes, blocks=kron.blocks, fallback=kron.fallback, parts=kron.parts,
+        method=method, structure=structure, setting=kron.setting, likelihood=opts["likelihood"],
+        reduction=reduction, n_inputs=n_inputs, n_probes=0 if deterministic else probes,
+        dist=opts["dist"] if method == "hutchinson" else "none", stderr_kind=stderr_kind(method, probes),
+        seed=None if deterministic else opts["seed"], draws=_record(done, None if deterministic else opts["seed"]),
+        n_outputs=n_outputs, moments=bool(kron.moments), basis=kron.basis,
+        _tree=lambda arrays: be.unflatten(template, arrays),
+        _leaves_of=lambda tree: [x for _, x in be.leaves(tree)])
 
 
 def _square(g: Array, fresh: bool) -> Array:
@@ -339,7 +402,7 @@ def _parameter_tree(be, model, params, logits, vjp, inputs):
 
 
 def _validate(structure, method, likelihood, bound, rank, probes, dist, per_example, reduction, blocks,
-              seed, chunk_size):
+              seed, chunk_size, kfac_approx="expand", basis=None):
     for name, value, allowed in (("structure", structure, STRUCTURES), ("method", method, METHODS),
                                  ("likelihood", likelihood, cotangents.LIKELIHOODS),
                                  ("bound", bound, BOUNDS), ("dist", dist, DISTS),
@@ -370,8 +433,21 @@ def _validate(structure, method, likelihood, bound, rank, probes, dist, per_exam
                          "VJPs would give the same sketch at N times the cost")
     if blocks is not None and structure != "blocks":
         raise ValueError(f"blocks: only used with structure='blocks', got structure={structure!r}")
+    if kfac_approx not in kronecker.SETTINGS:
+        raise ValueError(f"kfac_approx: expected one of {kronecker.SETTINGS}, got {kfac_approx!r}")
+    if kfac_approx != "expand" and structure not in KRONECKER:
+        raise ValueError(f"kfac_approx: only used with structure='kfac' or 'ekfac', got structure={structure!r}")
+    if basis is not None and structure != "ekfac":
+        raise ValueError(f"basis: only used with structure='ekfac', got structure={structure!r}")
+    if basis is not None and (not isinstance(basis, KroneckerEstimate) or basis.structure != "kfac"):
+        raise TypeError(f"basis: expected the KroneckerEstimate of fisher(..., structure='kfac'), "
+                        f"got {getattr(basis, 'structure', type(basis).__name__)!r}")
+    if structure in KRONECKER and per_example is False:
+        raise ValueError(f"per_example: structure={structure!r} sums per-example outer products "
+                         "g gᵀ of each layer's cotangents; it cannot use batch sums")
     return {"method": method, "likelihood": likelihood, "bound": bound, "rank": rank, "probes": probes,
-            "dist": dist, "per_example": bool(per_example) or deterministic, "seed": seed,
+            "dist": dist, "per_example": bool(per_example) or deterministic or structure in KRONECKER,
+            "seed": seed, "stream": 1 if structure == "ekfac" else 0,
             "chunk_size": chunk_size}
 
 
@@ -426,6 +502,27 @@ def _check_logits(logits, b, likelihood):
         if problem is not None:
             raise ValueError(f"batches: batch {b} gave non-finite logits: {problem}")
     return z, C
+
+
+def _check_finite(parts: list, names: list | None) -> None:
+    """One device sync: the accumulated sums are finite, or an error that says where to look
+    (the logits were checked per batch; an inf input can still give finite logits, through a
+    saturating activation, and NaN gradients)."""
+    if not parts or not is_eager(parts[0]):
+        return
+    xp = array_namespace(parts[0])
+    bad = np.asarray(_to_host(xp.stack([xp.any(~xp.isfinite(x)) for x in parts])))
+    if bad.any():
+        where = [names[i] if names and i < len(names) else f"part {i}" for i in np.flatnonzero(bad)]
+        raise ValueError(f"batches: the Fisher has non-finite entries (inf or NaN) in {', '.join(where)}, "
+                         "although the logits were finite: an input or a parameter holds inf or NaN, "
+                         "or the gradients overflowed")
+
+
+def _to_host(a):
+    from ._estimate import _to_numpy
+
+    return _to_numpy(a)
 
 
 def _reshape_like(ct, logits):
@@ -483,7 +580,7 @@ def _cotangent(be, z, labels, b, opts, index=None):
     if opts["bound"] == "lower" and opts["rank"] > C:
         raise ValueError(f"rank: the lower envelope has at most C={C} eigenpairs (classes), "
                          f"got rank={opts['rank']}")
-    s = _batch_seed(opts["seed"], b if index is None else index)
+    s = _batch_seed(opts["seed"], b if index is None else index, opts.get("stream", 0))
     if method == "exact":
         return cotangents.exact_columns(z, lik, opts["bound"], opts["rank"])
     if method == "empirical":
