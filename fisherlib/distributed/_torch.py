@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import abc
 import math
 from dataclasses import replace
 from typing import Any, Iterable, Iterator
@@ -13,23 +14,55 @@ from ..estimators import FisherEstimate
 from ..estimators import fisher as _fisher
 from ..estimators._estimate import _META, _join_draws, _to_numpy
 
-__all__ = ["fisher", "shard"]
+__all__ = ["Shard", "fisher", "shard"]
 
 # Options every rank must share, or the all-reduce would add unlike things.
 _SAME = ("method", "structure", "likelihood", "bound", "rank", "reduction", "n_probes", "per_example",
          "dist", "seed", "names")
 
 
-def shard(batches: Iterable[Any], group: Any = None) -> Iterator[Any]:
+def shard(batches: Iterable[Any], group: Any = None) -> "Shard":
     """This rank's batches of a stream that every rank can read: batches r, r + W, r + 2W, ...
 
     The strided rule of :func:`fisher`: rank r of W takes global batches b with b mod W = r, so
     that a stream of unknown length is split without a first pass, and shards differ by at
     most one batch. Every rank still iterates the whole stream (skipping others' batches);
     for large data, let each rank load only its own batches and pass their global indices.
+
+    Returns
+    -------
+    Shard
+        An iterable, not an iterator: each ``for`` loop over it (each epoch, each call of
+        :func:`fisher`) starts again from the first batch of the shard, as long as ``batches``
+        can be iterated again (a list, a ``DataLoader``). Over a one-shot iterator (a
+        generator), a second pass raises a ValueError instead of giving no batch.
     """
     dist = _dist()
-    return itertools.islice(batches, dist.get_rank(group), None, dist.get_world_size(group))
+    return Shard(batches, dist.get_rank(group), dist.get_world_size(group))
+
+
+class Shard:
+    """Batches r, r + W, r + 2W, ... of ``batches``, re-iterable (see :func:`shard`)."""
+
+    def __init__(self, batches: Iterable[Any], rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+        self._one_shot = isinstance(batches, abc.Iterator)
+        self._passes = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._one_shot and self._passes:
+            raise ValueError("batches: shard() was given a one-shot iterator (a generator), and its "
+                             "first pass consumed it; pass a list or a DataLoader to iterate the "
+                             "shard again")
+        self._passes += 1
+        return itertools.islice(iter(self.batches), self.rank, None, self.world)
+
+    def __len__(self) -> int:
+        n = len(self.batches)  # TypeError for a stream without a length
+        return len(range(self.rank, n, self.world))
+
+    def __repr__(self) -> str:
+        return f"<Shard rank {self.rank} of {self.world}: batches {self.rank}, {self.rank + self.world}, ...>"
 
 
 def fisher(model: Any, params: Any, batches: Iterable[Any], *, group: Any = None, dst: int | None = None,

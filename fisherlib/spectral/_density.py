@@ -40,11 +40,18 @@ class SpectralDensity:
         """(estimate, standard error) of m_j = tr F^j / P from the quadrature.
 
         Each probe's Σ τ θ^j equals vᵀF^j v for j < 2m (Gauss quadrature), an unbiased
-        (Hutchinson) estimate of tr F^j / P for Rademacher v scaled to ‖v‖² = P; the error
-        bar is the spread over the K probes (0 for the exact form).
+        (Hutchinson) estimate of tr F^j / P for v = ξ/√P, ξ Rademacher; the error bar is the
+        spread over the K probes (0 for the exact form). One probe has no spread: its error
+        bar is the bound Var(ξᵀF^jξ / P) = 2(‖F^j‖_F² − Σ (F^j)_ii²) / P² ≤ 2 m_{2j} / P,
+        at the probe's own estimate of m_{2j} (like the one-probe √2·|F̂_ii| of a diagonal).
         """
         per = np.sum(self.weights * self.nodes ** j, axis=1)
-        se = float(np.std(per, ddof=1) / np.sqrt(len(per))) if len(per) > 1 and not self.exact else 0.0
+        if self.exact:
+            se = 0.0
+        elif len(per) > 1:
+            se = float(np.std(per, ddof=1) / np.sqrt(len(per)))
+        else:
+            se = float(np.sqrt(2.0 * np.sum(self.weights * self.nodes ** (2 * j)) / self.n_params))
         return float(np.mean(per)), se
 
     def histogram(self, edges: np.ndarray) -> np.ndarray:

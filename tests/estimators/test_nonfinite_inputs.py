@@ -1,0 +1,35 @@
+"""An inf input gave a Fisher with NaN entries and no error (issue 23): the logits stayed finite
+through a saturating activation, and nothing looked at the gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fisherlib
+from fisherlib.models import MLP
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(method="exact"), dict(structure="blocks"),
+                                    dict(structure="trace"), dict(probes=4, keep_probes=False)],
+                         ids=["hutchinson", "exact", "blocks", "trace", "moments"])
+def test_inf_input_is_an_error_on_numpy(kwargs):
+    model = MLP([3, 4, 3], activation="tanh")
+    x = np.ones((4, 3))
+    x[1, 0] = np.inf
+    with np.errstate(invalid="ignore", over="ignore"), pytest.raises(ValueError, match="non-finite") as e:
+        fisherlib.fisher(model, model.init(0), [np.ones((2, 3)), x], **kwargs)
+    assert "input" in str(e.value)
+    if not kwargs:
+        assert "0.weight" in str(e.value)  # the leaf it reached
+
+
+def test_inf_input_is_an_error_on_torch():
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.ones(4, 3)
+    x[1, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite entries .* in 0.weight"):
+        fisherlib.fisher(net, None, x)
+    ok = fisherlib.fisher(net, None, torch.ones(4, 3))  # finite inputs: no error, finite values
+    assert all(bool(torch.isfinite(v).all()) for v in ok.value.values())
