@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from ..core._compat import array_namespace, device
+from ..core._compat import array_namespace, device, is_eager
 from ..estimators._running import from_units, to_units
 from . import _solve
 from ._precondition import Curvature, check_options, leaf_block, unit_term
@@ -206,6 +206,12 @@ class Preconditioner:
         """A⁻¹ v for op = [tag, leaf, A or its inverse, uses so far]: a solve on the first use, as
         precondition() does; from the second on, the (pseudo-)inverse, computed once."""
         xp = self._xp
+        if op[3] < 2 and not is_eager(v):  # inside jit or vmap: store nothing traced on this object
+            if self._factor is not None:
+                return self._factor[1](self._factor[0](op[2]), v)
+            if not self.pinv:
+                return xp.linalg.solve(op[2], v[..., None])[..., 0]
+            return xp.sum(self._invert(op[2]) * v[..., None, :], axis=-1)
         if self._factor is not None:
             if op[3] < 2:
                 op[2], op[3] = self._factor[0](op[2]), 2

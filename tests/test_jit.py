@@ -1,0 +1,181 @@
+"""Every public array-level function traces under ``jax.jit`` and ``jax.vmap``, and so do the
+estimators' entry points with traced inputs and labels.
+
+A small ``lazy_xp_function``-like harness (array-api-extra's, style.md §1): each case is a
+function of arrays whose other arguments are fixed; :func:`_check_jit` compares ``jax.jit(fn)``
+with the eager call and ``jax.vmap(fn)`` over a stack of two inputs with the two eager calls, in
+float64. The functions of one module are checked in one jitted call (one compilation, the cost
+that matters here); a failure names the function.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+import fisherlib  # noqa: E402
+from fisherlib import hypercube, natural, simplex, spectral  # noqa: E402
+from fisherlib.natural import _solve  # noqa: E402
+from fisherlib.core import cotangents  # noqa: E402
+from fisherlib.estimators import RunningFisher  # noqa: E402
+from fisherlib.natural import Curvature, Preconditioner  # noqa: E402
+
+N, C, K = 4, 3, 2
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _normal(seed, *shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape))
+
+
+def _check_jit(cases: dict, args: tuple, batched: tuple | None = None):
+    """``cases``: {name: fn(*args) -> array or tuple of arrays}. jit of all of them at once
+    against the same functions on NumPy copies (eager, compiling nothing); with ``batched`` (the
+    args with a leading axis 2), vmap against the NumPy rows."""
+    def every(*a):
+        return {name: fn(*a) for name, fn in cases.items()}
+
+    eager = every(*(np.asarray(a) for a in args))
+    jitted = jax.jit(every)(*args)
+    for name in cases:
+        for e, j in zip(jax.tree_util.tree_leaves(eager[name]), jax.tree_util.tree_leaves(jitted[name]), strict=True):
+            assert isinstance(j, jax.Array) and j.shape == e.shape and j.dtype == e.dtype, name
+            np.testing.assert_allclose(np.asarray(j), np.asarray(e), rtol=1e-9, atol=1e-12, err_msg=f"jit {name}")
+    if batched is None:
+        return
+    mapped = jax.jit(jax.vmap(every))(*batched)
+    for row in range(2):
+        one = every(*(np.asarray(a[row]) for a in batched))
+        for name in cases:
+            for e, m in zip(jax.tree_util.tree_leaves(one[name]), jax.tree_util.tree_leaves(mapped[name]), strict=True):
+                np.testing.assert_allclose(np.asarray(m[row]), np.asarray(e), rtol=1e-9, atol=1e-12,
+                                           err_msg=f"vmap {name}")
+
+
+def _envelope(e):
+    return tuple(getattr(e, f) for f in ("eigenvalues", "eigenvectors", "diag", "scale") if hasattr(e, f))
+
+
+def test_simplex_and_hypercube_functions_jit_and_vmap():
+    z, v = _normal(0, N, C), _normal(1, N, C)
+    s = {name: (lambda name: lambda z, v: getattr(simplex, name)(z))(name)
+         for name in ("log_probs", "probs", "fim", "factor", "trace", "eigh", "eigvalsh", "lambda_max_bounds",
+                      "interlacing_bounds", "trimmed_norm")}
+    s.update(matvec=lambda z, v: simplex.matvec(z, v), factor_matvec=lambda z, v: simplex.factor_matvec(z, v),
+             factor_rmatvec=lambda z, v: simplex.factor_rmatvec(z, v),
+             top_eigpair=lambda z, v: simplex.top_eigpair(z, k=2),
+             lower_envelope=lambda z, v: _envelope(simplex.lower_envelope(z, rank=2)),
+             upper_envelope=lambda z, v: [_envelope(simplex.upper_envelope(z, kind=k)) for k in ("diag", "diag2", "scalar")])
+    assert set(s) == set(simplex.__all__)
+    h = {f"hypercube.{name}": (lambda name: lambda z, v: getattr(hypercube, name)(z))(name)
+         for name in ("probs", "fim", "eigvalsh", "trace")}
+    h.update({f"hypercube.{name}": (lambda name: lambda z, v: getattr(hypercube, name)(z, v))(name)
+              for name in ("matvec", "factor_matvec", "factor_rmatvec")})
+    assert {n.split(".")[1] for n in h} == set(hypercube.__all__)
+    _check_jit({**s, **h}, (z, v), (jnp.stack([z, -z]), jnp.stack([v, 2 * v])))
+
+
+def test_cotangents_jit_and_vmap():
+    z, xi = _normal(2, N, C), _normal(3, K, N, C)
+    u = jnp.asarray(np.random.default_rng(4).uniform(size=(K, N)))
+    y = jnp.asarray([0, 2, 1, 1])
+    cases = {
+        "hutchinson": lambda z, xi, u, y: cotangents.hutchinson(z, xi),
+        "upper_bound": lambda z, xi, u, y: cotangents.upper_bound(z, xi),
+        "lower_bound": lambda z, xi, u, y: cotangents.lower_bound(z, xi[..., :2]),
+        "exact_columns": lambda z, xi, u, y: [cotangents.exact_columns(z, lik, b, 2)
+                                              for lik, b in (("softmax", None), ("softmax", "upper"),
+                                                             ("softmax", "lower"), ("sigmoid", None))],
+        "column_source": lambda z, xi, u, y: cotangents.column_source(z)[1](1, C),
+        "sample_labels": lambda z, xi, u, y: cotangents.sample_labels(z, u),
+        "label_residual": lambda z, xi, u, y: cotangents.label_residual(z, y),
+        "training_cotangents": lambda z, xi, u, y: cotangents.training_cotangents(z, y, xi, (y > 0) * 1.0),
+        "cross_entropy_and_hutchinson": lambda z, xi, u, y: cotangents.cross_entropy_and_hutchinson(z, y, xi),
+    }
+    assert set(cases) == set(cotangents.__all__)
+    _check_jit(cases, (z, xi, u, y),
+               (jnp.stack([z, 3 * z]), jnp.stack([xi, -xi]), jnp.stack([u, 1 - u]), jnp.stack([y, 2 - y])))
+
+
+def _spd(seed, *lead, S):
+    a = _normal(seed, *lead, S, S)
+    return a @ jnp.swapaxes(a, -1, -2) / S
+
+
+def test_natural_gradient_solves_jit_and_vmap():
+    U, n = 3, 4  # units, fan-in
+    gw, gb = _normal(5, U, n), _normal(6, U)
+    dw, db = jnp.abs(_normal(7, U, n)) + 1.0, jnp.abs(_normal(8, U)) + 1.0
+    cross = 0.1 * _normal(9, U, n)
+    blocks = _spd(10, U, S=n + 1)
+    lam = 0.1
+    cases = {
+        "diagonal": lambda gw, gb, dw, db, c, gu, B: natural.diagonal(gw, dw, lam),
+        "arrowhead": lambda gw, gb, dw, db, c, gu, B: natural.arrowhead(gw, gb, dw, db, c, lam),
+        "arrowhead_definite": lambda gw, gb, dw, db, c, gu, B: _solve.arrowhead_definite(dw, db, c, lam),
+        "ollivier": lambda gw, gb, dw, db, c, gu, B: natural.ollivier(gw, gb, dw, db, c, lam),
+        "woodbury": lambda gw, gb, dw, db, c, gu, B: natural.woodbury(gw, gb, dw, db, c, lam),
+        "unit_blocks": lambda gw, gb, dw, db, c, gu, B: natural.unit_blocks(gu, B, lam),
+        "dense": lambda gw, gb, dw, db, c, gu, B: (natural.dense(gu, B, lam), natural.dense(gu, B, lam, pinv=True)),
+    }
+    assert set(cases) == set(_solve.__all__)
+    args = (gw, gb, dw, db, cross, jnp.concatenate([gw, gb[:, None]], 1), blocks)
+    _check_jit(cases, args, tuple(jnp.stack([a, 2 * a]) for a in args))
+
+
+@pytest.mark.parametrize("kind", ["diag", "quasidiag", "ollivier", "unitwise", "blocks"])
+def test_preconditioner_apply_jits(kind):
+    """A Preconditioner built eagerly applies inside jit (and vmap over gradients), and a jitted
+    function may build one from traced terms; the eager one keeps no tracer."""
+    names, shapes = ["b", "w"], [(3,), (3, 4)]
+    structure = {"diag": "diag", "quasidiag": "quasidiag", "ollivier": "quasidiag"}.get(kind, "unitwise")
+    structure = "blocks" if kind == "blocks" else structure
+    rf = RunningFisher(structure, probes=3, decay=None)
+    rf.update([_normal(11, 3, 3), _normal(12, 3, 3, 4)], names, n=5)
+    terms = rf.value
+    pre = Preconditioner(Curvature(rf.layout, terms), kind, 0.1)
+    g = [_normal(13, 3), _normal(14, 3, 4)]
+    eager = pre.apply(g)
+    again = jax.jit(pre.apply)(g)
+    mapped = jax.vmap(pre.apply)([jnp.stack([a, -a]) for a in g])
+    built = jax.jit(lambda t, g: Preconditioner(Curvature(rf.layout, t), kind, 0.1).apply(g))(terms, g)
+    for e, a, m, b in zip(eager, again, mapped, built, strict=True):
+        for got in (a, m[0], -m[1], b):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(e), rtol=1e-9, atol=1e-12)
+    for leaf in jax.tree_util.tree_leaves(pre.arrays()):  # no tracer leaked into the eager object
+        assert not isinstance(leaf, jax.core.Tracer)
+    np.testing.assert_allclose(np.asarray(pre.apply(g)[1]), np.asarray(eager[1]), rtol=1e-9)
+
+
+def _mlp(p, x):
+    return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def test_estimators_under_jit_with_traced_inputs_and_labels():
+    """fisher() (every method, labels with ignored entries), RunningFisher.step and the Fisher
+    operator inside the caller's jit equal their eager results."""
+    params = {"w1": _normal(15, 3, 4), "b1": _normal(16, 4), "w2": _normal(17, 4, C), "b2": _normal(18, C)}
+    x, y = _normal(19, N, 3), jnp.asarray([0, -100, 2, 1])
+
+    def every(p, x, y):
+        out = {m: fisherlib.fisher(_mlp, p, [(x, y)], method=m, probes=1 if m in ("exact", "empirical") else 2,
+                                   reduction="mean").value
+               for m in ("hutchinson", "mc", "exact", "empirical")}
+        out["n_outputs"] = fisherlib.fisher(_mlp, p, [(x, y)], method="exact").n_outputs
+        out["step"] = RunningFisher("diag", probes=2, decay=None).step(_mlp, p, x, jnp.maximum(y, 0))
+        out["operator"] = spectral.fisher_operator(_mlp, p, [x]).matvec(p)
+        return out
+
+    eager, jitted = every(params, x, y), jax.jit(every)(params, x, y)
+    assert eager["n_outputs"] == 3 and int(jitted["n_outputs"]) == 3
+    for (path, e), j in zip(jax.tree_util.tree_leaves_with_path(eager), jax.tree_util.tree_leaves(jitted), strict=True):
+        np.testing.assert_allclose(np.asarray(j), np.asarray(e), rtol=1e-9, atol=1e-12,
+                                   err_msg=jax.tree_util.keystr(path))
