@@ -139,8 +139,9 @@ def embedding_input_factor(idx: Array, num: int, *, padding: int | None = None,
     counts = xp.zeros((num,), dtype=dtype, device=device(idx))
     step = max(1, (1 << 24) // max(1, num))
     for a in range(0, N * S, step):  # no scatter-add in the Array API: one-hot rows, in chunks
-        onehot = xp.astype(table[:, None] == flat_idx[None, a:a + step], dtype)
-        counts = counts + xp.matmul(onehot, flat_w[a:a + step])
+        b = min(a + step, N * S)
+        onehot = xp.astype(table[:, None] == flat_idx[None, a:b], dtype)
+        counts = counts + xp.matmul(onehot, flat_w[a:b])
     if padding is not None:
         counts = xp.where(table == padding, xp.zeros_like(counts), counts)
     return counts[None, :], xp.reshape(xp.sum(w), (1,))

@@ -200,8 +200,9 @@ class Accumulator:
     def _probe_terms(self, be, model, params, inputs, ct, capture, layers, mine, names, shapes, chunk_size):
         """G (and EK-FAC's S) per block, then the fallback leaves' diagonals, for one stack."""
         summed = self.summed
-        out = [kronecker.gradient_factor(layer.g, setting="expand" if b.kind == "embedding" else self.setting,
-                                         sum_probes=summed)
+        out = [kronecker.gradient_factor(layer.g[..., None, :], setting="expand", sum_probes=summed)
+               if b.kind == "embedding" else  # (V, N, S, D): one group
+               kronecker.gradient_factor(layer.g, setting=self.setting, sum_probes=summed)
                for b, layer in zip(self.blocks, mine)]
         out += self._fallback_diag(be, model, params, inputs, ct, capture, layers, names, shapes, chunk_size)
         if self.basis is not None:

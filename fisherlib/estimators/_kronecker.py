@@ -193,18 +193,18 @@ class KroneckerEstimate:
     def _tangent_leaves(self, v: Any) -> list | None:
         if isinstance(v, Mapping) and all(n in v for n in self.names):
             return [v[n] for n in self.names]
-        if isinstance(v, Mapping) or hasattr(v, "items"):
-            missing = [n for n in self.names if n not in v]
-            raise ValueError(f"v: expected a tangent with every parameter leaf; missing {missing[:5]}")
         if hasattr(v, "shape") and hasattr(v, "ndim"):
-            if v.shape[-1] != self.n_params or v.ndim not in (1, 2):
+            if v.ndim not in (1, 2) or v.shape[-1] != self.n_params:
                 raise ValueError(f"v: expected a flat tangent (P,) or (K, P) with P = {self.n_params}, "
                                  f"got shape {tuple(v.shape)}")
             return None
-        if self._leaves_of is None:
-            raise TypeError(f"v: expected a dict of the leaves {self.names[:3]}..., or a flat array, "
-                            f"got {type(v).__name__}")
-        return self._leaves_of(v)
+        if self._leaves_of is not None:  # a tree shaped like the parameters
+            leaves = self._leaves_of(v)
+            if [tuple(x.shape[x.ndim - len(s):]) for x, s in zip(leaves, self.shapes)] == self.shapes \
+                    and len(leaves) == len(self.shapes):
+                return leaves
+        raise ValueError(f"v: expected a tangent shaped like the parameters, a dict of every leaf "
+                         f"({', '.join(self.names[:3])}, ...) or a flat (P,) / (K, P) array, got {type(v).__name__}")
 
     def _apply(self, v: Any, block_fn: Callable, leaf_fn: Callable) -> Any:
         flat = self.flatten(v)
@@ -221,7 +221,7 @@ class KroneckerEstimate:
 
     def _like_input(self, v, flat):
         d = self.unflatten(flat)
-        if isinstance(v, Mapping):
+        if isinstance(v, Mapping) and all(n in v for n in self.names):
             return d
         return self._tree([d[n] for n in self.names]) if self._tree is not None else d
 
