@@ -114,13 +114,19 @@ def update_state(lay: Layout, state: dict, grads: Sequence[Array], n: int, decay
     return fold(lay, state, _rows(grads), n, decay)
 
 
-def fold(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], n: int, decay: float | None) -> dict:
+def fold(lay: Layout, state: dict, rows: Sequence[Sequence[Array]], n: int, decay: float | None,
+         probes: int | None = None) -> dict:
     """:func:`update_state` from K ``rows`` of leaf gradients (one list of leaves per probe), pure:
-    what a compiled (JAX) step runs; eager steps use :func:`fold_scaled` in place."""
+    what a compiled (JAX) step runs; eager steps use :func:`fold_scaled` in place.
+
+    ``probes``: the K that :func:`state_stderr` will divide by (default: this step's K); a step
+    of K ≠ ``probes`` rows adds α²·probes/K to W₂, so that the error bar counts its K draws.
+    """
     beta, alpha = _ema_weights(decay)
     K = len(rows)
     c = alpha / (n * K)  # m's weight of each probe's raw term; s's is (α/(n²K)) = c² · K/α
-    out = {"m": {}, "w": beta * state["w"] + alpha, "w2": beta * beta * state["w2"] + alpha * alpha,
+    w2_step = alpha * alpha * (1.0 if probes is None else probes / K)
+    out = {"m": {}, "w": beta * state["w"] + alpha, "w2": beta * beta * state["w2"] + w2_step,
            "t": state["t"] + 1}
     moments = ("m", "s") if "s" in state else ("m",)
     for part in moments[1:]:
@@ -301,7 +307,7 @@ class RunningFisher:
         N = counted
         eager = getattr(be, "compile", None) is None
         if eager:  # the EMA's weights ride on the probe cotangents (fold_scaled)
-            hut *= self._scale(N)
+            hut *= self._scale(N, self.probes)
         shape = tuple(logits.shape)
         batched = getattr(be, "batched", None)
         if batched is None or batched(z):  # one call for the 1 + K rows: leaves (1 + K, *leaf)
@@ -326,11 +332,19 @@ class RunningFisher:
         return cache[key]
 
     def update(self, probe_grads: Sequence[Array], names: Sequence[str], n: int, *, backend: Any = None) -> None:
-        """Fold one step's probe gradients (K, *leaf) over ``n`` inputs into the estimate."""
+        """Fold one step's probe gradients (K, *leaf) over ``n`` inputs into the estimate.
+
+        The step's terms are the mean over the K rows given, whatever ``probes`` says (as the
+        pure :func:`update_state`); the standard error counts K draws for this step.
+        """
+        K = {int(g.shape[0]) for g in probe_grads}
+        if len(K) != 1 or 0 in K:
+            raise ValueError(f"probe_grads: expected one leading probe axis K >= 1 shared by every leaf, "
+                             f"got shapes {[tuple(g.shape) for g in probe_grads]}")
         self._fold(names, n, backend, stacked=list(probe_grads), owned=False)
 
-    def _scale(self, n: int) -> float:
-        """σ = √(α / (n K u')) for the next step's probes, u' = β u; renormalises M, S first when
+    def _scale(self, n: int, K: int) -> float:
+        """σ = √(α / (n K u')) for the next step's K probes, u' = β u; renormalises M, S first when
         u gets small (one pass over the state every ~log(10⁶)/log(1/β) steps)."""
         beta, alpha = _ema_weights(self.decay)
         if self._unit < 1e-6 and self.state is not None:
@@ -339,7 +353,7 @@ class RunningFisher:
                 for k in terms:
                     terms[k] *= self._unit  # stored back: JAX arrays rebind
             self._unit = 1.0
-        return math.sqrt(alpha / (n * self.probes * self._unit * beta))
+        return math.sqrt(alpha / (n * K * self._unit * beta))
 
     def _fold(self, names, n, backend, *, rows=None, stacked=None, owned=True, scaled=False):
         """Fold K probes, given as ``rows`` (K lists of leaves) or ``stacked`` leaves (K, *leaf);
@@ -352,18 +366,23 @@ class RunningFisher:
         comp = getattr(backend, "compile", None) if backend is not None else None
         if comp is None:  # eager: the state (ours) updated in place, and the probes too when ours
             rows = rows if rows is not None else _rows(stacked)
+            K = len(rows)
             if not scaled:
-                sigma = self._scale(n)
+                sigma = self._scale(n, K)
                 rows, owned = [[g * sigma for g in gs] for gs in rows], True
             beta, alpha = _ema_weights(self.decay)
             unit = self._unit * beta
-            fold_scaled(lay, self.state, rows, gain=len(rows) * unit / alpha, own_rows=owned)
+            fold_scaled(lay, self.state, rows, gain=K * unit / alpha, own_rows=owned)
             st = self.state
-            st.update(w=beta * st["w"] + alpha, w2=beta * beta * st["w2"] + alpha * alpha, t=st["t"] + 1)
+            # W₂ in units of a step of ``probes`` draws: a step of K draws counts probes/K as much.
+            st.update(w=beta * st["w"] + alpha, w2=beta * beta * st["w2"] + alpha * alpha * (self.probes / K),
+                      t=st["t"] + 1)
             self._unit = unit
             return
-        key = ("update", n, "rows" if rows is not None else "stacked")
-        fn = self._fn(backend, key, lambda st, ps: fold(lay, st, ps if rows is not None else _rows(ps), n, decay))
+        K = len(rows) if rows is not None else int(stacked[0].shape[0])
+        key = ("update", n, "rows" if rows is not None else "stacked", K)
+        fn = self._fn(backend, key, lambda st, ps: fold(lay, st, ps if rows is not None else _rows(ps), n, decay,
+                                                        probes=self.probes))
         self.state = fn(self.state, rows if rows is not None else stacked)
 
     def _backend(self, params):
@@ -442,6 +461,11 @@ def _flat(logits):
     return xp.reshape(logits, (-1, logits.shape[-1]))
 
 
+NO_TARGETS = ("targets: got None; the default loss (mean cross-entropy) needs class indices. A HuggingFace "
+              "batch carries them as batch['labels']: pass them as targets (a causal LM shifts them by one "
+              "position inside the model; shift them the same way), or pass loss=fn")
+
+
 def _labels(targets, z, ignore_index, lead=None):
     """(class indices, 0/1 weights or None, how many outputs count) for the core's cross-entropy.
 
@@ -450,6 +474,8 @@ def _labels(targets, z, ignore_index, lead=None):
     outside [0, C) are an error.
     """
     xp = array_namespace(z)
+    if targets is None:
+        raise ValueError(NO_TARGETS)
     if type(targets) is not type(z):
         import numpy as np
 

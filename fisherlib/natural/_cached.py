@@ -24,6 +24,7 @@ result equals :func:`~fisherlib.natural.precondition`'s to rounding. Array API o
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 from ..core._compat import array_namespace, device, is_eager
@@ -59,6 +60,13 @@ class Preconditioner:
         Keep the arrays' structure independent of their values (``kind="quasidiag"`` then always
         keeps the per-unit choice between the arrowhead and Ollivier's step as arrays), so that
         :meth:`arrays` of two factorisations of one layout match: what a jitted optax state needs.
+    relative_damping : bool
+        Damp each leaf l by λ_l = ``damping`` · mean_i F̃_ii over the leaf (a leaf whose mean is
+        0 takes the mean over all leaves) instead of by ``damping`` itself: (F̃ + Λ)⁻¹ g with
+        Λ = diag(λ_l), the unit kinds damping a unit's weights by their leaf's λ and its bias by
+        the bias leaf's. Scaling a layer's inputs by s scales its weights' Fisher by s² and their
+        λ with it, so the step in function space does not change (exactly for "diag",
+        "quasidiag", "ollivier", dense "unitwise" and "blocks"; with an absolute λ it does).
 
     Notes
     -----
@@ -76,28 +84,41 @@ class Preconditioner:
                  unit_solve: str = "auto", pinv: bool = False, rtol: float | None = None,
                  inverse: Callable[[Array], Array] | None = None,
                  factor: tuple[Callable[[Array], Any], Callable[[Any, Array], Array]] | None = None,
-                 static: bool = False):
+                 static: bool = False, relative_damping: bool = False):
         check_options(kind, unit_solve, curvature)
         lam = _solve._check_damping(damping)
-        self.curvature, self.kind, self.damping = curvature, kind, lam
+        relative = bool(relative_damping)
+        if relative and not lam > 0:
+            raise ValueError(f"damping: relative damping needs a factor > 0, got {damping!r}")
+        self.curvature, self.kind, self.damping, self.relative = curvature, kind, lam, relative
         self.unit_solve, self.pinv, self.rtol, self._inverse = unit_solve, pinv, rtol, inverse
         self._factor = None if pinv else factor
         lay = curvature.layout
         self.names = tuple(lay.names)
         self._xp = array_namespace(*curvature.terms.values())  # once: it costs µs per call
+        lams = leaf_dampings(curvature, lam, self._xp) if relative else [lam] * len(lay.names)
+        self.lambdas = lams
         # One entry per leaf or unit: (op, leaf indices, prepared arrays); leaves no op covers
         # get the diagonal.
         self._ops: list[tuple] = []
         covered: set[int] = set()
         if kind == "blocks":
+            for gname, ids in curvature.groups.items():  # a layer's full block over several leaves
+                block = curvature.terms[f"group:{gname}"]
+                lam_vec = _group_damping(curvature, gname, ids, lams, block)
+                self._ops.append(["group", ids, _damped(block, 0.0) + _diag_matrix(lam_vec), 0,
+                                  [curvature.group_slice(gname, i) for i in ids]])
+                covered.update(ids)
             for i, name in enumerate(lay.names):
-                self._ops.append(["block", i, _damped(leaf_block(curvature, name), lam), 0])
+                if i in covered:
+                    continue
+                self._ops.append(["block", i, _damped(leaf_block(curvature, name), lams[i]), 0])
                 covered.add(i)
         elif kind != "diag":
             for u in lay.units:
                 how, term = unit_term(curvature, u, kind, unit_solve)
                 if how == "dense":
-                    self._ops.append(["unit", u, _damped(term, lam), 0])
+                    self._ops.append(["unit", u, _damped(term, lams[u.weight], None if u.bias is None else lams[u.bias]), 0])
                     covered.update(i for i in (u.weight, u.bias) if i is not None)
                     continue
                 if how == "diagonal":
@@ -105,20 +126,21 @@ class Preconditioner:
                 c = term
                 dw = to_units(u, curvature.diag(u.weight), None)
                 db = curvature.diag(u.bias)
+                lw, lb = lams[u.weight], lams[u.bias]
                 if kind == "quasidiag":
-                    coef = _quasidiag(dw, db, c, lam, static)
+                    coef = _quasidiag(dw, db, c, lw, lb, static)
                 else:
-                    coef = {"ollivier": _ollivier, "unitwise": _woodbury}[kind](dw, db, c, lam)
+                    coef = {"ollivier": _ollivier, "unitwise": _woodbury}[kind](dw, db, c, lw, lb)
                 self._ops.append(_unit_op(u, lay.shapes[u.weight], coef))
                 covered.update((u.weight, u.bias))
         for i, name in enumerate(lay.names):
             if i not in covered:
-                self._ops.append(("diag", i, curvature.diag(i) + lam))
+                self._ops.append(("diag", i, curvature.diag(i) + lams[i]))
 
     def factorize(self) -> "Preconditioner":
         """Invert (or factor) the dense blocks now, instead of on the second :meth:`apply`; returns self."""
         for op in self._ops:
-            if op[0] in ("unit", "block") and op[3] < 2:
+            if op[0] in ("unit", "block", "group") and op[3] < 2:
                 op[2], op[3] = self._invert(op[2]), 2
         return self
 
@@ -129,7 +151,7 @@ class Preconditioner:
         for op in self._ops:
             if op[0] == "diag":
                 out.append(op[2])
-            elif op[0] in ("unit", "block"):
+            elif op[0] in ("unit", "block", "group"):
                 out.append(op[2])
             else:
                 out += [op[4], op[5]] + ([op[6]] if op[0] == "ollivier" else [v for v in op[6] if v is not None])
@@ -138,7 +160,7 @@ class Preconditioner:
     def with_arrays(self, arrays: Sequence[Array]) -> "Preconditioner":
         """A copy that applies ``arrays`` (from :meth:`arrays` of a factorisation of the same layout,
         kind and options) instead of its own."""
-        count = sum(1 if op[0] in ("diag", "unit", "block") else
+        count = sum(1 if op[0] in ("diag", "unit", "block", "group") else
                     2 + (1 if op[0] == "ollivier" else sum(v is not None for v in op[6])) for op in self._ops)
         if len(arrays) != count:
             raise ValueError(f"arrays: expected {count} arrays for this factorisation, got {len(arrays)}")
@@ -151,6 +173,8 @@ class Preconditioner:
                 ops.append((op[0], op[1], next(it)))
             elif op[0] in ("unit", "block"):
                 ops.append([op[0], op[1], next(it), 2])
+            elif op[0] == "group":
+                ops.append([op[0], op[1], next(it), 2, op[4]])
             elif op[0] == "ollivier":
                 ops.append(op[:4] + (next(it), next(it), next(it)))
             else:
@@ -159,9 +183,11 @@ class Preconditioner:
         new._ops = ops
         return new
 
-    def matches(self, curvature: Curvature, damping: float) -> bool:
-        """Whether this factorisation is of ``curvature`` (the same object) and ``damping``."""
-        return curvature is self.curvature and float(damping) == self.damping
+    def matches(self, curvature: Curvature, damping: float, relative_damping: bool | None = None) -> bool:
+        """Whether this factorisation is of ``curvature`` (the same object) and ``damping``
+        (and, when given, ``relative_damping``)."""
+        return (curvature is self.curvature and float(damping) == self.damping
+                and (relative_damping is None or bool(relative_damping) == self.relative))
 
     def apply(self, grads: Sequence[Array]) -> list[Array]:
         """The steps (F̃ + λI)⁻¹ g for gradient leaves ``grads`` in the layout's order."""
@@ -197,6 +223,11 @@ class Preconditioner:
                 out[u.weight], b = from_units(u, v, tuple(grads[u.weight].shape))
                 if u.bias is not None:
                     out[u.bias] = b
+            elif tag == "group":
+                ids = op[1]
+                v = self._dense(op, xp.concat([xp.reshape(grads[i], (-1,)) for i in ids]))
+                for i, (a, b) in zip(ids, op[4]):
+                    out[i] = xp.reshape(v[a:b], tuple(grads[i].shape))
             else:  # "block"
                 i, g = op[1], grads[op[1]]
                 out[i] = xp.reshape(self._dense(op, xp.reshape(g, (-1,))), tuple(g.shape))
@@ -233,14 +264,52 @@ class Preconditioner:
         return self._inverse(a) if self._inverse is not None else xp.linalg.inv(a)
 
     def __repr__(self) -> str:
-        return f"Preconditioner(kind={self.kind!r}, damping={self.damping:.3g}, leaves={len(self.names)})"
+        rel = ", relative" if self.relative else ""
+        return f"Preconditioner(kind={self.kind!r}, damping={self.damping:.3g}{rel}, leaves={len(self.names)})"
 
 
-def _damped(block: Array, lam: float) -> Array:
-    """sym(F) + λI: the matrix :func:`~fisherlib.natural.dense` solves."""
+def leaf_dampings(curvature: Curvature, damping: float, xp) -> list[Array]:
+    """λ_l = ``damping`` · mean_i F̃_ii over each leaf l (0-d arrays; traceable): a leaf whose
+    mean is 0 (a parameter the outputs do not depend on) takes the mean over all leaves, and
+    λ = ``damping`` where the whole diagonal is 0."""
+    lay = curvature.layout
+    means, sizes = [], []
+    for i in range(len(lay.names)):
+        d = curvature.diag(i)
+        means.append(xp.mean(d))
+        sizes.append(math.prod(lay.shapes[i]))
+    total = sum(m * s for m, s in zip(means, sizes)) / sum(sizes)
+    total = xp.where(total > 0, total, xp.ones_like(total))
+    return [damping * xp.where(m > 0, m, total) for m in means]
+
+
+def _group_damping(curvature: Curvature, name: str, ids, lams, like: Array) -> Array:
+    """The damping of each entry of group ``name``'s block: its leaf's λ, as a vector."""
+    xp = array_namespace(like)
+    parts = []
+    for i in ids:
+        a, b = curvature.group_slice(name, i)
+        parts.append(xp.zeros((b - a,), dtype=like.dtype, device=device(like)) + lams[i])
+    return xp.concat(parts)
+
+
+def _diag_matrix(v: Array) -> Array:
+    xp = array_namespace(v)
+    S = v.shape[0]
+    return xp.eye(S, dtype=v.dtype, device=device(v)) * v[None, :]
+
+
+def _damped(block: Array, lam, lam_bias=None) -> Array:
+    """sym(F) + λI: the matrix :func:`~fisherlib.natural.dense` solves; with ``lam_bias`` (a unit
+    block whose last row is its bias) the bias entry is damped by ``lam_bias`` instead."""
     xp = array_namespace(block)
     S = block.shape[-1]
-    return (block + xp.matrix_transpose(block)) / 2 + lam * xp.eye(S, dtype=block.dtype, device=device(block))
+    eye = xp.eye(S, dtype=block.dtype, device=device(block))
+    sym = (block + xp.matrix_transpose(block)) / 2
+    if lam_bias is None:
+        return sym + lam * eye
+    last = xp.astype(xp.arange(S, device=device(block)) == S - 1, block.dtype)
+    return sym + eye * (lam * (1 - last) + lam_bias * last)
 
 
 def _unit_op(u, shape: tuple[int, ...], coef: tuple) -> tuple:
@@ -256,30 +325,34 @@ def _unit_op(u, shape: tuple[int, ...], coef: tuple) -> tuple:
     return (tag, u, axes, bshape, a, r, scalars)
 
 
-def _ollivier(dw, db, c, lam):
-    """Ollivier: δ_w = a g_w − r g_b, δ_b = β g_b − ⟨r, g_w⟩ (expanded from :func:`_solve.ollivier`)."""
+def _ollivier(dw, db, c, lam, lam_b=None):
+    """Ollivier: δ_w = a g_w − r g_b, δ_b = β g_b − ⟨r, g_w⟩ (expanded from :func:`_solve.ollivier`);
+    the weights damped by ``lam``, the bias by ``lam_b`` (default ``lam``)."""
+    lam_b = lam if lam_b is None else lam_b
     xp = array_namespace(dw, db, c)
-    Dw, Db = dw + lam, (db + lam)[..., None]
+    Dw, Db = dw + lam, (db + lam_b)[..., None]
     den = Dw * Db - c * c
     r = c / den
     return "ollivier", Db / den, r, (1 + xp.sum(c * r, axis=-1)) / Db[..., 0]
 
 
-def _arrowhead_coef(dw, db, c, lam):
+def _arrowhead_coef(dw, db, c, lam, lam_b):
     """Arrowhead: s = (g_b − h) / schur, δ_w = g_w / D_w − r s, δ_b = s; r = c / D_w."""
     xp = array_namespace(dw, db, c)
     Dw = dw + lam
     r = c / Dw
-    inv_schur = 1 / (db + lam - xp.sum(c * r, axis=-1))
+    inv_schur = 1 / (db + lam_b - xp.sum(c * r, axis=-1))
     return 1 / Dw, r, inv_schur, -inv_schur
 
 
-def _quasidiag(dw, db, c, lam, static=False):
+def _quasidiag(dw, db, c, lam, lam_b=None, static=False):
     """The arrowhead solve where it is positive definite, Ollivier's step elsewhere (as precondition())."""
+    lam_b = lam if lam_b is None else lam_b
     xp = array_namespace(dw, db, c)
-    ok = _solve.arrowhead_definite(dw, db, c, lam)
-    a1, r1, sb, sh = _arrowhead_coef(dw, db, c, lam)
-    _, a2, r2, beta2 = _ollivier(dw, db, c, lam)
+    Dw = dw + lam  # _solve.arrowhead_definite, with the bias damped by lam_b
+    ok = (db + lam_b - xp.sum(c * c / Dw, axis=-1) > 0) & xp.all(Dw > 0, axis=-1)
+    a1, r1, sb, sh = _arrowhead_coef(dw, db, c, lam, lam_b)
+    _, a2, r2, beta2 = _ollivier(dw, db, c, lam, lam_b)
     zero, one = xp.zeros_like(sb), xp.ones_like(sb)
     definite = False
     if not static:
@@ -296,10 +369,11 @@ def _quasidiag(dw, db, c, lam, static=False):
         xp.where(ok, zero, -one))
 
 
-def _woodbury(dw, db, c, lam):
-    """Woodbury (see :func:`_solve.woodbury`): s = κ(h + e g_b), δ_w = g_w / D_w' − r s, δ_b = g_b/λ − e s."""
-    if lam <= 0:
+def _woodbury(dw, db, c, lam, lam_b=None):
+    """Woodbury (see :func:`_solve.woodbury`): s = κ(h + e g_b), δ_w = g_w / D_w' − r s, δ_b = g_b/λ_b − e s."""
+    if isinstance(lam, float) and lam <= 0:
         raise ValueError(f"damping: the Woodbury unit solve needs damping > 0, got {lam!r}")
+    lam_b = lam if lam_b is None else lam_b
     xp = array_namespace(dw, db, c)
     live = db > 0
     f = xp.where(live, db, xp.ones_like(db))
@@ -307,6 +381,6 @@ def _woodbury(dw, db, c, lam):
     c = xp.where(live[..., None], c, xp.zeros_like(c))
     Dw = dw + lam - c * c / f[..., None]
     r = c / Dw
-    e = ab / lam
+    e = ab / lam_b
     kappa = 1 / (f + xp.sum(c * r, axis=-1) + ab * e)
-    return "general", 1 / Dw, r, (kappa * e, kappa, xp.full_like(db, 1 / lam), -e, None)
+    return "general", 1 / Dw, r, (kappa * e, kappa, xp.ones_like(db) / lam_b, -e, None)

@@ -8,6 +8,7 @@ from a :class:`~fisherlib.estimators.RunningFisher` or a :class:`~fisherlib.Fish
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .. import backends as _backends
@@ -34,11 +35,20 @@ class Curvature:
         Leaves' names, shapes and units.
     terms : dict
         ``{term key: array}``; see :class:`~fisherlib.estimators.Layout`.
+    groups : dict, optional
+        ``{name: leaf indices}``: dense blocks over several leaves (a layer's weight and bias with
+        their cross terms), held as ``terms["group:<name>"]`` over the leaves' flattened entries
+        concatenated in that order. ``kind="blocks"`` solves each group jointly.
     """
 
-    def __init__(self, layout: Layout, terms: dict[str, Array]):
+    def __init__(self, layout: Layout, terms: dict[str, Array], groups: dict[str, tuple[int, ...]] | None = None):
         self.layout = layout
         self.terms = dict(terms)
+        self.groups = {k: tuple(v) for k, v in (groups or {}).items()}
+        for name, ids in self.groups.items():
+            if f"group:{name}" not in self.terms:
+                raise ValueError(f"groups: group {name!r} has no term 'group:{name}'")
+        self._group_of = {i: name for name, ids in self.groups.items() for i in ids}
 
     @classmethod
     def from_running(cls, running) -> "Curvature":
@@ -46,11 +56,17 @@ class Curvature:
         return cls(running.layout, running.value)
 
     @classmethod
-    def from_estimate(cls, estimate, params: Tree, *, backend: Any = None) -> "Curvature":
+    def from_estimate(cls, estimate, params: Tree, *, backend: Any = None,
+                      groups: dict[str, Any] | None = None) -> "Curvature":
         """From a :class:`~fisherlib.FisherEstimate`: ``structure="diag"``, or ``"blocks"`` with
-        ``blocks=None`` (a dense block per leaf) or ``"unitwise"`` (torch-style (out, in) weights).
+        ``blocks=None`` (a dense block per leaf), ``"unitwise"`` (torch-style (out, in) weights)
+        or groups of leaves (``blocks=[["0.weight", "0.bias"], ...]``: a layer's full block,
+        weight–bias cross terms included).
 
         ``params`` gives the leaves' names and shapes (the tree the estimate was made for).
+        A group's block is found by its name, the leaves joined by "+" as ``fisher()`` names
+        it; ``groups`` (``{block name: leaf names}``) says which leaves a block of another name
+        (``fisher(blocks={name: group})``) holds.
         """
         be = _backend(backend, params)
         named = be.leaves(params)
@@ -61,8 +77,21 @@ class Curvature:
         if estimate.structure != "blocks":
             raise ValueError(f"estimate: expected structure 'diag' or 'blocks', got {estimate.structure!r}")
         lay = layout(names, shapes, "unitwise")
-        terms = {}
+        terms, found = {}, {}
+        index = {n: i for i, n in enumerate(names)}
+        given = dict(groups or {})
         for name, block in estimate.value.items():
+            members = given.get(name) or (name.split("+") if "+" in name and name not in index else None)
+            if members is not None:
+                members = [members] if isinstance(members, str) else list(members)
+                unknown = [m for m in members if m not in index]
+                size = sum(math.prod(shapes[index[m]]) for m in members if m in index)
+                if unknown or tuple(block.shape) != (size, size):
+                    raise ValueError(f"estimate: block {name!r} of shape {tuple(block.shape)} does not match the "
+                                     f"leaves {members} (unknown: {unknown}, {size} entries)")
+                found[name] = tuple(index[m] for m in members)
+                terms[f"group:{name}"] = block
+                continue
             if block.ndim == 3:  # unit-wise: (U, S, S), rows of an (out, in) weight with its bias
                 u = next((u for u in lay.units if u.name == name and u.axis == 0), None)
                 if u is None or (u.units, u.size) != tuple(block.shape[:2]):
@@ -72,9 +101,9 @@ class Curvature:
             elif name in names:
                 terms[f"block:{name}"] = block
             else:
-                raise ValueError(f"estimate: block {name!r} is not a single parameter leaf; group blocks "
-                                 "are not supported here")
-        return cls(lay, terms)
+                raise ValueError(f"estimate: block {name!r} is neither a parameter leaf nor a group of leaves "
+                                 "named 'a+b'; pass groups={name: [leaf names]} for a named group")
+        return cls(lay, terms, found)
 
     # -- accessors ------------------------------------------------------------------------------
 
@@ -91,6 +120,12 @@ class Curvature:
             b = self.terms[f"block:{name}"]
             xp = array_namespace(b)
             return xp.reshape(xp.linalg.diagonal(b), shape)
+        if i in self._group_of:
+            g = self._group_of[i]
+            start, stop = self.group_slice(g, i)
+            b = self.terms[f"group:{g}"]
+            xp = array_namespace(b)
+            return xp.reshape(xp.linalg.diagonal(b)[start:stop], shape)
         for u in lay.units:
             blk = self._unit_block(u)
             if blk is not None and i in (u.weight, u.bias):
@@ -99,6 +134,16 @@ class Curvature:
                 w, b = from_units(u, d, lay.shapes[u.weight])
                 return w if i == u.weight else b
         raise ValueError(f"curvature: no Fisher diagonal for leaf {name!r}")
+
+    def group_slice(self, group: str, i: int) -> tuple[int, int]:
+        """Where leaf ``i``'s flattened entries sit in group ``group``'s block."""
+        start = 0
+        for j in self.groups[group]:
+            size = math.prod(self.layout.shapes[j])
+            if j == i:
+                return start, start + size
+            start += size
+        raise ValueError(f"curvature: leaf {self.layout.names[i]!r} is not in group {group!r}")
 
     def cross(self, u: Unit) -> Array | None:
         """Bias–weight terms F_{b w_j} (U, n) of a unit, or None when not kept."""
@@ -159,7 +204,16 @@ def precondition(grads: Tree, curvature: Curvature, kind: str = "diag", damping:
     g = [x for _, x in named]
     out: list[Array | None] = [None] * len(g)
     if kind == "blocks":
+        for gname, ids in curvature.groups.items():  # a layer's full block: its leaves solved jointly
+            xp = array_namespace(*[g[i] for i in ids])
+            flat = xp.concat([xp.reshape(g[i], (-1,)) for i in ids])
+            v = _solve.dense(flat, curvature.terms[f"group:{gname}"], damping, pinv=pinv, rtol=rtol)
+            for i in ids:
+                a, b = curvature.group_slice(gname, i)
+                out[i] = xp.reshape(v[a:b], tuple(g[i].shape))
         for i, name in enumerate(lay.names):
+            if out[i] is not None:
+                continue
             blk = leaf_block(curvature, name)
             xp = array_namespace(g[i])
             flat = xp.reshape(g[i], (-1,))
@@ -209,8 +263,8 @@ def leaf_block(curvature: Curvature, name: str) -> Array:
     """The dense block of leaf ``name`` (``kind="blocks"``), or a clear error."""
     blk = curvature.terms.get(f"block:{name}")
     if blk is None:
-        raise ValueError(f"curvature: kind='blocks' needs dense per-leaf blocks; leaf {name!r} has none "
-                         "(use RunningFisher('blocks') or fisher(structure='blocks'))")
+        raise ValueError(f"curvature: kind='blocks' needs dense per-leaf or group blocks; leaf {name!r} has "
+                         "none (use RunningFisher('blocks') or fisher(structure='blocks'))")
     return blk
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends._common import call_args, logits_of
-from ..estimators._running import RunningFisher
+from ..estimators import FisherEstimate
+from ..estimators._running import NO_TARGETS, RunningFisher
 from ._cached import Preconditioner
 from ._damping import LevenbergMarquardt, predicted_change
 from ._precondition import KINDS, UNIT_SOLVES, Curvature, structure_for
@@ -36,7 +37,12 @@ class NaturalGradient(torch.optim.Optimizer):
     preconditioner : {"diag", "quasidiag", "ollivier", "unitwise", "blocks"}
         F̃; see :func:`~fisherlib.natural.precondition`.
     damping : float
-        λ (the initial λ with ``adapt_damping``).
+        λ (the initial λ with ``adapt_damping``); with ``relative_damping`` a factor ρ.
+    relative_damping : bool
+        Damp each parameter leaf by λ_l = ρ · mean_i F̃_ii over the leaf instead of by a fixed λ
+        (:class:`~fisherlib.natural.Preconditioner`): the step no longer depends on the scale of
+        a layer's inputs, which an absolute λ does (docs/natural-gradient.md, "Choosing the
+        damping").
     adapt_damping : bool
         Levenberg–Marquardt adaptation of λ from the loss change, when :meth:`step` gets a
         ``closure`` that re-evaluates the loss on the same batch (one more forward).
@@ -50,10 +56,17 @@ class NaturalGradient(torch.optim.Optimizer):
     momentum, weight_decay : float
         Heavy-ball momentum on the preconditioned direction; L2 added to the gradient.
     kl_clip : float or None
-        Trust region of K-FAC (Martens & Grosse 2015, §6.4; Ba et al. 2017): the step is scaled
+        κ (default 10⁻², as :func:`~fisherlib.natural.natural_gradient`). Trust region of K-FAC (Martens & Grosse 2015, §6.4; Ba et al. 2017): the step is scaled
         by min(1, √(κ / (η² gᵀd))) so that its predicted KL change ½η²dᵀF̃d ≤ κ/2. It guards
         against steps blown up where a few probes under-estimate F. None: no clipping.
     unit_solve, pinv : see :func:`~fisherlib.natural.precondition`.
+    curvature : Curvature, FisherEstimate or callable, optional
+        F̃ given instead of the running estimate: a :class:`~fisherlib.natural.Curvature`, a
+        :class:`~fisherlib.FisherEstimate` (e.g. ``fisher(model, None, loader, method="exact")``,
+        ``structure="diag"`` or ``"blocks"``, grouped weight+bias blocks included), or a
+        zero-argument callable returning one, called every ``refresh`` steps. Every step is
+        then a plain forward and backward (no probes); ``probes``, ``decay`` and ``seed`` are
+        unused.
     seed : int
 
     Notes
@@ -68,9 +81,10 @@ class NaturalGradient(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, lr: float | Callable[[], float] = 0.1, *, preconditioner: str = "diag",
-                 damping: float = 1e-3, adapt_damping: bool = False, decay: float | None = 0.95,
-                 probes: int = 1, refresh: int = 1, momentum: float = 0.0, weight_decay: float = 0.0,
-                 kl_clip: float | None = 1e-3, unit_solve: str = "auto", pinv: bool = False, seed: int = 0):
+                 damping: float = 1e-3, relative_damping: bool = False, adapt_damping: bool = False,
+                 decay: float | None = 0.95, probes: int = 1, refresh: int = 1, momentum: float = 0.0,
+                 weight_decay: float = 0.0, kl_clip: float | None = 1e-2, unit_solve: str = "auto",
+                 pinv: bool = False, curvature: Any = None, seed: int = 0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if preconditioner not in KINDS:
@@ -83,6 +97,11 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"lr: expected a positive number or a callable, got {lr!r}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
+        if relative_damping and not (isinstance(damping, (int, float)) and damping > 0):
+            raise ValueError(f"damping: relative damping needs a factor > 0, got {damping!r}")
+        if curvature is not None and not (isinstance(curvature, (Curvature, FisherEstimate)) or callable(curvature)):
+            raise TypeError(f"curvature: expected a Curvature, a FisherEstimate, a zero-argument callable "
+                            f"returning one, or None, got {type(curvature).__name__}")
         self.model = model
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = [p for p in model.parameters() if p.requires_grad]
@@ -90,8 +109,10 @@ class NaturalGradient(torch.optim.Optimizer):
         super().__init__(params, dict(lr=float(lr) if not callable(lr) else 1.0, momentum=momentum,
                                       weight_decay=weight_decay))
         self.preconditioner, self.unit_solve, self.pinv, self.refresh = preconditioner, unit_solve, pinv, refresh
-        self.fisher = RunningFisher(structure_for(preconditioner, unit_solve), probes=probes, decay=decay,
-                                    seed=seed, backend="torch", stderr=False)
+        self.relative_damping = bool(relative_damping)
+        self._fisher_args = dict(probes=probes, decay=decay, seed=seed)
+        self._source = curvature
+        self.fisher: RunningFisher | None = None if curvature is not None else self._new_fisher()
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"kl_clip: expected a positive number or None, got {kl_clip!r}")
         self.kl_clip = kl_clip
@@ -100,9 +121,16 @@ class NaturalGradient(torch.optim.Optimizer):
         self.curvature: Curvature | None = None
         self._plan: Preconditioner | None = None  # (F̃ + λI)⁻¹ prepared for self.curvature and self.damping
         self.steps = 0
-        # Batch norm's statistics stay frozen on every step, as RunningFisher.step keeps them;
-        # looked up once, since walking the modules costs a plain step ~10 µs.
         self._last_loss: float | None = None
+
+    def _new_fisher(self) -> RunningFisher:
+        return RunningFisher(structure_for(self.preconditioner, self.unit_solve), backend="torch", stderr=False,
+                             **self._fisher_args)
+
+    def _active(self) -> list[tuple[str, torch.Tensor]]:
+        """The optimizer's parameters that require grad now: as torch.optim skips a parameter
+        frozen after the optimizer was built (its ``p.grad`` stays None), so does this one."""
+        return [(n, p) for n, p in zip(self.names, self.param_groups[0]["params"]) if p.requires_grad]
 
     def backward(self, inputs: Any, targets: Any, loss: Callable | None = None) -> torch.Tensor:
         """Forward + backward: writes ``p.grad`` and, on refresh steps, updates F̃.
@@ -110,32 +138,78 @@ class NaturalGradient(torch.optim.Optimizer):
         Refresh steps run one forward and ONE batched backward of the loss and the probe
         cotangents (:meth:`RunningFisher.step`); the steps in between are a plain
         ``loss.backward()``. ``loss=None`` is the mean cross-entropy; else
-        ``loss(logits, targets)`` (a scalar). Returns the loss value (detached).
+        ``loss(logits, targets)`` (a scalar), which may also depend on the parameters directly
+        (an L2 or EWC penalty, an auxiliary loss): that part of its gradient is added to
+        ``p.grad`` on every step. Returns the loss value (detached).
+
+        Parameters frozen (``requires_grad=False``) after the optimizer was built are skipped, as
+        by ``torch.optim``: they keep ``p.grad = None`` and do not move; the Fisher estimate
+        starts afresh over the parameters that remain (and again when they change back).
         """
-        if self.steps % self.refresh == 0:
-            value, grads = self.fisher.step(self.model, None, inputs, targets, loss=loss, update=True)
-            self.curvature = Curvature.from_running(self.fisher)
-            if self._lr_fn is not None:
-                for group in self.param_groups:
-                    group["lr"] = float(self._lr_fn())
-            for name, p in zip(self.names, self.param_groups[0]["params"]):
-                p.grad = grads[name].detach()  # a fresh tensor from autograd: no copy needed
+        active = self._active()
+        if not active:
+            raise RuntimeError("backward: every parameter of the optimizer is frozen (requires_grad=False)")
+        names = [n for n, _ in active]
+        if len(active) < len(self.names):  # frozen since the last step: no stale gradient moves them
+            for p in self.param_groups[0]["params"]:
+                if not p.requires_grad:
+                    p.grad = None
+        changed = self.curvature is not None and list(self.curvature.layout.names) != names
+        refresh = self.steps % self.refresh == 0 or self.curvature is None or changed
+        if self.fisher is None or not refresh:  # a given curvature, or a step between refreshes
+            value = self._plain_backward(inputs, targets, loss, active)
+            if self.fisher is None and refresh:
+                self.curvature = self._given_curvature(names)
+                self._refresh_lr()
         else:
-            value = self._plain_backward(inputs, targets, loss)
+            if changed or (self.fisher.layout is not None and list(self.fisher.layout.names) != names):
+                self.fisher = self._new_fisher()
+            direct: dict = {}
+            fn = None if loss is None else _with_direct_gradient(loss, [p for _, p in active], direct)
+            value, grads = self.fisher.step(self.model, None, inputs, targets, loss=fn, update=True)
+            self.curvature = Curvature.from_running(self.fisher)
+            self._refresh_lr()
+            extra = direct.get("grads") or [None] * len(active)
+            for (name, p), e in zip(active, extra):
+                g = grads[name].detach()  # a fresh tensor from autograd: no copy needed
+                p.grad = g if e is None else g + e
         self._last_loss = float(value)
         return value
 
-    def _plain_backward(self, inputs: Any, targets: Any, loss: Callable | None) -> torch.Tensor:
+    def _refresh_lr(self) -> None:
+        if self._lr_fn is not None:
+            for group in self.param_groups:
+                group["lr"] = float(self._lr_fn())
+
+    def _given_curvature(self, names: list[str]) -> Curvature:
+        """The ``curvature=`` argument as a :class:`Curvature` over the parameters ``names``."""
+        src = self._source
+        if not isinstance(src, (Curvature, FisherEstimate)):
+            src = src()
+        if isinstance(src, FisherEstimate):
+            src = Curvature.from_estimate(src, self.model, backend="torch")
+        if not isinstance(src, Curvature):
+            raise TypeError(f"curvature: the callable returned {type(src).__name__}; expected a Curvature "
+                            "or a FisherEstimate")
+        if list(src.layout.names) != names:
+            raise ValueError(f"curvature: its leaves {list(src.layout.names)} differ from the parameters "
+                             f"being optimised {names}")
+        return src
+
+    def _plain_backward(self, inputs: Any, targets: Any, loss: Callable | None,
+                        active: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """A training step's forward and backward between refreshes, as torch.optim.SGD's would be
-        (batch-norm statistics update as on refresh steps; unused parameters get zero gradients)."""
-        params = self.param_groups[0]["params"]
-        for p in params:
+        (batch-norm statistics update as on refresh steps; unused parameters get zero gradients,
+        frozen ones none)."""
+        for _, p in active:
             p.grad = None
         args, kwargs = call_args(inputs)
         with torch.enable_grad():
             logits = logits_of(self.model(*args, **kwargs))
             if loss is None:
                 z = logits.reshape(-1, logits.shape[-1])
+                if targets is None:
+                    raise ValueError(NO_TARGETS)
                 if not isinstance(targets, torch.Tensor):
                     targets = torch.as_tensor(np.asarray(targets), device=z.device)
                 if targets.ndim > 1 and tuple(targets.shape) == tuple(logits.shape[:-1]):
@@ -147,7 +221,7 @@ class NaturalGradient(torch.optim.Optimizer):
             else:
                 value = loss(logits, targets)
             value.backward()
-        for p in params:
+        for _, p in active:
             if p.grad is None:  # the logits do not depend on it (as RunningFisher.step: zeros)
                 p.grad = torch.zeros_like(p)
         return value.detach()
@@ -163,11 +237,13 @@ class NaturalGradient(torch.optim.Optimizer):
             raise RuntimeError("step: no Fisher estimate yet; call optimizer.backward(inputs, targets) "
                                "(one forward + one batched backward) before step()")
         group = self.param_groups[0]
-        params = group["params"]
-        grads = []
-        for name, p in zip(self.names, params):
+        by_name = dict(zip(self.names, group["params"]))
+        params, grads = [], []
+        for name in self.curvature.layout.names:  # the parameters that required grad at backward()
+            p = by_name[name]
             if p.grad is None:
                 raise RuntimeError(f"step: parameter {name!r} has no gradient; call backward() first")
+            params.append(p)
             grads.append(p.grad)
         if group["weight_decay"]:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
@@ -175,7 +251,8 @@ class NaturalGradient(torch.optim.Optimizer):
         if plan is None or not plan.matches(self.curvature, self.damping):
             # F̃ refreshed or λ changed: factorise once, then every step only applies it.
             plan = self._plan = Preconditioner(self.curvature, self.preconditioner, self.damping,
-                                               unit_solve=self.unit_solve, pinv=self.pinv, inverse=_spd_inverse)
+                                               unit_solve=self.unit_solve, pinv=self.pinv, inverse=_spd_inverse,
+                                               relative_damping=self.relative_damping)
         direction = plan.apply(grads)
         lr = group["lr"]
         g_dot_d = 0.0
@@ -211,7 +288,8 @@ class NaturalGradient(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["natural"] = {"fisher": self.fisher.state_dict() if self.fisher.state is not None else None,
+        sd["natural"] = {"fisher": self.fisher.state_dict() if self.fisher is not None and self.fisher.state is not None
+                         else None,
                          "damping": self.damping, "steps": self.steps,
                          "lm": self.lm.state_dict() if self.lm is not None else None}
         return sd
@@ -222,7 +300,7 @@ class NaturalGradient(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         if extra is None:
             return
-        if extra["fisher"] is not None:
+        if extra["fisher"] is not None and self.fisher is not None:
             self.fisher.load_state_dict(extra["fisher"])
             self.curvature = Curvature.from_running(self.fisher)
         self.damping, self.steps = float(extra["damping"]), int(extra["steps"])
@@ -232,8 +310,31 @@ class NaturalGradient(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         lam = f"{self.damping:.3g}" if math.isfinite(self.damping) else str(self.damping)
+        rel = ", relative_damping=True" if self.relative_damping else ""
+        fisher = ("curvature=given" if self.fisher is None else
+                  f"probes={self.fisher.probes}, decay={self.fisher.decay}")
         return (f"NaturalGradient(preconditioner={self.preconditioner!r}, lr={self.param_groups[0]['lr']:.3g}, "
-                f"damping={lam}, probes={self.fisher.probes}, decay={self.fisher.decay}, refresh={self.refresh})")
+                f"damping={lam}{rel}, {fisher}, refresh={self.refresh})")
+
+
+def _with_direct_gradient(loss: Callable, params: list[torch.Tensor], out: dict) -> Callable:
+    """``loss`` wrapped so that the gradient of its value with respect to ``params`` *not* through the
+    logits (an L2 or EWC penalty, an auxiliary term) is kept in ``out["grads"]``.
+
+    The adapter pulls ∂loss/∂logits back through the network with the probes; the loss is
+    evaluated on detached logits, so the parameters' direct share of its gradient is one more
+    backward through the loss's own graph (autograd visits only the nodes that lead to the
+    parameters: nothing for a loss of the logits alone).
+    """
+    def wrapped(z, targets):
+        value = loss(z, targets)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+            if any(g is not None for g in grads):
+                out["grads"] = list(grads)
+        return value
+
+    return wrapped
 
 
 def _spd_inverse(a: torch.Tensor) -> torch.Tensor:

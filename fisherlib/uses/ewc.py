@@ -141,7 +141,7 @@ class EWC:
         r"""(λ/2) [Σ_i F̄_i (θ_i − θ̄_i)² + c] = (λ/2) Σ_t Σ_i F^(t)_ii (θ_i − θ*_t,i)²."""
         arrays = self._leaves(params)
         total = None
-        for P, A, t in zip(self._precision, self._anchor, arrays):
+        for P, A, t in zip(*self._moved(arrays), arrays):
             xp = _trees.array_namespace(t)
             term = xp.sum(P * (t - A) ** 2)
             total = term if total is None else total + term
@@ -151,7 +151,18 @@ class EWC:
         r"""λ Σ_t F^(t) ⊙ (θ − θ*_t) = λ F̄ ⊙ (θ − θ̄), as a tree like ``params``."""
         lv = _trees.split(params, self.backend)
         arrays = self._leaves(params, lv)
-        return lv.build([self.lam * P * (t - A) for P, A, t in zip(self._precision, self._anchor, arrays)])
+        return lv.build([self.lam * P * (t - A) for P, A, t in zip(*self._moved(arrays), arrays)])
+
+    def _moved(self, arrays: list[Array]) -> tuple[list[Array], list[Array]]:
+        """F̄ and θ̄ in the namespace, device and dtype of the parameters ``arrays`` (a NumPy
+        anchor for torch parameters, say), converted once and kept for the next call."""
+        key = tuple((type(t), str(_trees.device(t)), str(t.dtype)) for t in arrays)
+        cached = getattr(self, "_cache", None)
+        if cached is None or cached[0] != key or cached[1] is not self._precision:
+            moved = ([_trees._to(P, t) for P, t in zip(self._precision, arrays)],
+                     [_trees._to(A, t) for A, t in zip(self._anchor, arrays)])
+            self._cache = (key, self._precision, moved)
+        return self._cache[2]
 
     def _leaves(self, params: Tree, lv: _trees.Leaves | None = None) -> list[Array]:
         if self._precision is None:

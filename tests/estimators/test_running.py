@@ -370,3 +370,45 @@ def test_sequence_targets_shaped_like_the_logits_are_flattened():
         assert abs(float(opt.backward(x, y)) - ref.item()) < 1e-12
     with pytest.raises(ValueError, match=r"\(18,\) or \(3, 6\)"):
         a.step(net, None, x, y[:, :3])
+
+
+@pytest.mark.parametrize("decay", [None, 0.8])
+def test_update_averages_the_rows_it_is_given_whatever_probes_says(decay):
+    """update() with K rows is the mean of those K terms, as the pure update_state (which the
+    optax path runs) computes it: an estimate made with probes=1 and one made with probes=4 fed
+    the same 4 rows agree, and so do their error bars (both count the 4 draws)."""
+    from fisherlib.estimators._running import init_state, layout, state_stderr, state_value, update_state
+
+    rng = np.random.default_rng(3)
+    names, shapes = ["w", "b"], [(3, 2), (3,)]
+    steps = [[rng.normal(size=(K, *s)) for s in shapes] for K in (4, 2, 4)]
+    est = {p: RunningFisher("quasidiag", probes=p, decay=decay) for p in (1, 4)}
+    lay = layout(names, shapes, "quasidiag")
+    pure = init_state(lay, steps[0][0])
+    for grads in steps:
+        pure = update_state(lay, pure, grads, 8, decay)
+        for rf in est.values():
+            rf.update(grads, names, 8)
+    want = state_value(pure)
+    for p, rf in est.items():
+        for k in want:
+            np.testing.assert_allclose(rf.value[k], want[k], rtol=1e-12, atol=1e-15, err_msg=f"probes={p} {k}")
+    for k in want:
+        np.testing.assert_allclose(est[1].stderr[k], est[4].stderr[k], rtol=1e-10, atol=1e-15, err_msg=k)
+    # With K = probes at every step the error bar is the documented formula, unchanged.
+    same = RunningFisher("diag", probes=4, decay=decay)
+    lay_d = layout(names, shapes, "diag")
+    ref = init_state(lay_d, steps[0][0])
+    for grads in (steps[0], steps[2]):
+        same.update(grads, names, 8)
+        ref = update_state(lay_d, ref, grads, 8, decay)
+    for k, v in state_stderr(ref, 4).items():
+        np.testing.assert_allclose(same.stderr[k], v, rtol=1e-10, atol=1e-15)
+    with pytest.raises(ValueError, match="probe_grads"):
+        RunningFisher("diag").update([np.zeros((2, 3)), np.zeros((3, 3))], ["a", "b"], 8)
+
+
+def test_none_targets_get_a_clear_error():
+    model, params, x, _ = _setup()
+    with pytest.raises(ValueError, match=r"targets: got None.*labels"):
+        RunningFisher("diag").step(model, params, x, None)

@@ -152,3 +152,45 @@ def test_from_estimate_matches_from_terms():
     d = precondition(g, Curvature.from_estimate(diag, params), "diag", 0.1)
     for k in g:
         np.testing.assert_allclose(d[k], 1 / (diag.value[k] + 0.1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_layers_grouped_weight_and_bias_block_preconditions(relative):
+    """fisher(structure="blocks", blocks=[[weight, bias], ...]) gives a layer's full block (the
+    weight–bias cross terms included): Curvature.from_estimate takes it, found by its "a+b" name
+    or by groups= for a named block, and precondition() and Preconditioner solve each group
+    jointly, equal to a dense float64 solve of the layer's block + λI (per-leaf λ when relative)."""
+    import fisherlib
+    from fisherlib.models import MLP
+
+    model = MLP([4, 5, 3])
+    params = model.init(seed=0, like=np.zeros(1))
+    x = np.random.default_rng(0).normal(size=(16, 4))
+    est = fisherlib.fisher(model, params, x, method="exact", structure="blocks",
+                           blocks=[["0.weight", "0.bias"], ["1.weight", "1.bias"]], reduction="mean")
+    named = fisherlib.fisher(model, params, x, method="exact", structure="blocks", reduction="mean",
+                             blocks={"first": ["0.weight", "0.bias"], "second": ["1.weight", "1.bias"]})
+    rng = np.random.default_rng(1)
+    g = {k: rng.normal(size=v.shape) for k, v in params.items()}
+    curv = Curvature.from_estimate(est, params)
+    curv_named = Curvature.from_estimate(named, params, groups={"first": ["0.weight", "0.bias"],
+                                                                "second": ["1.weight", "1.bias"]})
+    steps = natural.Preconditioner(curv, "blocks", 0.1, relative_damping=relative).apply([g[n] for n in curv.layout.names])
+    steps_named = natural.Preconditioner(curv_named, "blocks", 0.1, relative_damping=relative).apply(
+        [g[n] for n in curv.layout.names])
+    fresh = precondition(g, curv, "blocks", 0.1) if not relative else None
+    for layer, (w, b) in enumerate((("0.weight", "0.bias"), ("1.weight", "1.bias"))):
+        F = est.value[f"{w}+{b}"]
+        nw = params[w].size
+        lam_w, lam_b = (0.1 * np.mean(np.diagonal(F)[:nw]), 0.1 * np.mean(np.diagonal(F)[nw:])) if relative else (0.1, 0.1)
+        lam = np.r_[np.full(nw, lam_w), np.full(params[b].size, lam_b)]
+        ref = np.linalg.solve(F + np.diag(lam), np.r_[g[w].ravel(), g[b]])
+        i, j = curv.layout.names.index(w), curv.layout.names.index(b)
+        for out in (steps, steps_named):
+            np.testing.assert_allclose(np.r_[np.ravel(out[i]), out[j]], ref, rtol=1e-10, atol=1e-14)
+        if fresh is not None:
+            np.testing.assert_allclose(np.r_[fresh[w].ravel(), fresh[b]], ref, rtol=1e-10, atol=1e-14)
+        # The leaves' diagonals come out of the group's block.
+        np.testing.assert_allclose(np.ravel(curv.diag(i)), np.diagonal(F)[:nw], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="groups="):
+        Curvature.from_estimate(named, params)

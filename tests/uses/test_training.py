@@ -166,3 +166,35 @@ def test_pruning_a_tiny_model():
     for layer in s_exact.layers:
         err = abs(s_est.layers[layer] - s_exact.layers[layer])
         assert err < 5 * s_est.layer_stderr[layer] + 1e-12, (layer, err, s_est.layer_stderr[layer])
+
+
+def test_ewc_with_a_numpy_anchor_trains_torch_parameters():
+    """F and θ* given as NumPy arrays, the parameters a torch module (float32, as trained): the
+    penalty is a torch scalar whose autograd gradient is λ F ⊙ (θ − θ*), and it works inside
+    NaturalGradient's loss, whose step then carries the penalty's pull."""
+    torch = pytest.importorskip("torch")
+    net = _torch_net(torch).float()
+    rng = np.random.default_rng(0)
+    anchor = {n: p.detach().numpy().astype(np.float64) + rng.normal(size=p.shape) for n, p in net.named_parameters()}
+    F = {n: rng.uniform(0.5, 2.0, size=a.shape) for n, a in anchor.items()}
+    ewc = EWC(2.0).add_task(F, anchor)
+    pen = ewc.penalty(net)
+    assert isinstance(pen, torch.Tensor) and pen.dtype == torch.float32
+    pen.backward()
+    grad = ewc.gradient(net)
+    for n, p in net.named_parameters():
+        want = 2.0 * F[n] * (p.detach().numpy() - anchor[n])
+        np.testing.assert_allclose(p.grad.numpy(), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(grad[n].detach().numpy(), want, rtol=1e-5, atol=1e-6)
+    x = torch.randn(16, 6)
+    y = torch.randint(0, 4, (16,))
+    from fisherlib.natural import NaturalGradient
+
+    opt = NaturalGradient(net, lr=0.1, preconditioner="diag", damping=1.0)
+    opt.backward(x, y, loss=lambda z, t: torch.nn.functional.cross_entropy(z, t) + ewc.penalty(net))
+    net.zero_grad()
+    (torch.nn.functional.cross_entropy(net(x), y) + ewc.penalty(net)).backward()
+    want = {n: p.grad.clone() for n, p in net.named_parameters()}
+    opt.backward(x, y, loss=lambda z, t: torch.nn.functional.cross_entropy(z, t) + ewc.penalty(net))
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-6)
