@@ -133,3 +133,39 @@ def curvlinops_hutchinson_diag(model, x, y, *, likelihood="softmax", num_matvecs
     G = curvlinops_operator(model, x, y, likelihood=likelihood)
     return hutchinson_diag(G, num_matvecs=num_matvecs)
 
+
+
+# --------------------------------------------------------------------------- Kronecker factors
+
+
+def curvlinops_kfac_dense(model, x, y, *, fisher_type="type-2", kfac_approx="expand", ekfac=False,
+                          batch_size=None):
+    """curvlinops' ``KFACLinearOperator`` (or ``EKFACLinearOperator``) as a dense matrix, in
+    ``model.parameters()`` order, weight and bias in one Kronecker block, summed over inputs."""
+    from curvlinops import EKFACLinearOperator, KFACLinearOperator
+
+    params = _params(model)
+    n = batch_size or len(x)
+    data = [(x[i:i + n], y[i:i + n]) for i in range(0, len(x), n)]
+    op = (EKFACLinearOperator if ekfac else KFACLinearOperator)(
+        model, _loss("softmax"), params, data, fisher_type=fisher_type, kfac_approx=kfac_approx,
+        separate_weight_and_bias=False, check_deterministic=False)
+    return op @ torch.eye(op.shape[0], dtype=x.dtype)
+
+
+def nngeometry_kfac_dense(model, x, *, ekfac=False, batch_size=None):
+    """nngeometry's ``PMatKFAC`` (or ``PMatEKFAC`` with its diagonal re-fitted) from the closed-form
+    ``FIM``, as a dense matrix summed over inputs (nngeometry averages: times N)."""
+    from nngeometry.metrics import FIM
+    from nngeometry.object import PMatEKFAC, PMatKFAC
+
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(x.dtype)  # its closed form builds helper matrices in the default dtype
+    try:
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=batch_size or len(x))
+        pm = FIM(model, loader, PMatEKFAC if ekfac else PMatKFAC, variant="classif_logits", device=str(x.device))
+        if ekfac:
+            pm.update_diag(loader)
+        return pm.to_torch(split_weight_bias=True) * len(x)
+    finally:
+        torch.set_default_dtype(dtype)
