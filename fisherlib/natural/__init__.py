@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from ._cached import Preconditioner
 from ._damping import LevenbergMarquardt, lr_from_lambda_max
+from ._kronecker import KroneckerCurvature
 from ._precondition import KINDS, Curvature, precondition
 from ._solve import arrowhead, dense, diagonal, ollivier, unit_blocks, woodbury
 
 # NaturalGradient (torch), natural_gradient and value_grad_and_probes (optax) load on first use
 # and stay out of __all__, so that a star import needs neither torch nor optax.
-__all__ = ["KINDS", "Curvature", "LevenbergMarquardt", "arrowhead", "dense", "diagonal", "lr_from_lambda_max",
-           "ollivier", "precondition", "Preconditioner", "unit_blocks", "woodbury"]
+__all__ = ["KINDS", "Curvature", "KroneckerCurvature", "LevenbergMarquardt", "arrowhead", "dense", "diagonal",
+           "lr_from_lambda_max", "ollivier", "precondition", "Preconditioner", "unit_blocks", "woodbury"]
 
 
 def __getattr__(name: str):

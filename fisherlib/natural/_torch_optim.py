@@ -15,6 +15,7 @@ from ..estimators import FisherEstimate
 from ..estimators._running import NO_TARGETS, RunningFisher
 from ._cached import Preconditioner
 from ._damping import LevenbergMarquardt, predicted_change
+from ._kronecker import KroneckerCurvature
 from ._precondition import KINDS, UNIT_SOLVES, Curvature, structure_for
 
 __all__ = ["NaturalGradient"]
@@ -34,8 +35,12 @@ class NaturalGradient(torch.optim.Optimizer):
     lr : float or callable
         η, or a zero-argument callable evaluated at every refresh (e.g. from the Fisher's λ_max,
         :func:`~fisherlib.natural.lr_from_lambda_max`).
-    preconditioner : {"diag", "quasidiag", "ollivier", "unitwise", "blocks"}
-        F̃; see :func:`~fisherlib.natural.precondition`.
+    preconditioner : {"diag", "quasidiag", "ollivier", "unitwise", "blocks", "kfac"}
+        F̃; see :func:`~fisherlib.natural.precondition`. "kfac": Kronecker factors A ⊗ G per
+        dense, convolution and embedding layer (docs/kfac.md), refreshed from one
+        ``fisher(structure="kfac")`` batch every ``refresh`` steps (a forward and a batched
+        backward of K probes, the model in eval mode), kept as an EMA, and inverted through
+        their eigendecompositions, cached between refreshes (:class:`KroneckerCurvature`).
     damping : float
         λ (the initial λ with ``adapt_damping``); with ``relative_damping`` a factor ρ.
     relative_damping : bool
@@ -87,8 +92,10 @@ class NaturalGradient(torch.optim.Optimizer):
                  pinv: bool = False, curvature: Any = None, seed: int = 0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if preconditioner not in KINDS:
-            raise ValueError(f"preconditioner: expected one of {KINDS}, got {preconditioner!r}")
+        if preconditioner not in KINDS + ("kfac",):
+            raise ValueError(f"preconditioner: expected one of {KINDS + ('kfac',)}, got {preconditioner!r}")
+        if preconditioner == "kfac" and curvature is not None:
+            raise ValueError("curvature: preconditioner='kfac' estimates its own factors; leave curvature=None")
         if unit_solve not in UNIT_SOLVES:
             raise ValueError(f"unit_solve: expected one of {UNIT_SOLVES}, got {unit_solve!r}")
         if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
@@ -112,7 +119,9 @@ class NaturalGradient(torch.optim.Optimizer):
         self.relative_damping = bool(relative_damping)
         self._fisher_args = dict(probes=probes, decay=decay, seed=seed)
         self._source = curvature
-        self.fisher: RunningFisher | None = None if curvature is not None else self._new_fisher()
+        self._kron = KroneckerCurvature(decay) if preconditioner == "kfac" else None
+        self.fisher: RunningFisher | None = (None if curvature is not None or self._kron is not None
+                                             else self._new_fisher())
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"kl_clip: expected a positive number or None, got {kl_clip!r}")
         self.kl_clip = kl_clip
@@ -149,6 +158,8 @@ class NaturalGradient(torch.optim.Optimizer):
         active = self._active()
         if not active:
             raise RuntimeError("backward: every parameter of the optimizer is frozen (requires_grad=False)")
+        if self._kron is not None:
+            return self._kfac_backward(inputs, targets, loss, active)
         names = [n for n, _ in active]
         if len(active) < len(self.names):  # frozen since the last step: no stale gradient moves them
             for p in self.param_groups[0]["params"]:
@@ -173,6 +184,24 @@ class NaturalGradient(torch.optim.Optimizer):
             for (name, p), e in zip(active, extra):
                 g = grads[name].detach()  # a fresh tensor from autograd: no copy needed
                 p.grad = g if e is None else g + e
+        self._last_loss = float(value)
+        return value
+
+    def _kfac_backward(self, inputs: Any, targets: Any, loss: Callable | None,
+                       active: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """A plain training step, and on refresh steps one ``fisher(structure="kfac")`` batch."""
+        value = self._plain_backward(inputs, targets, loss, active)
+        names = [n for n, _ in active]
+        if self.steps % self.refresh == 0 or self._kron.names != names:
+            from ..estimators import fisher
+
+            with _eval_mode(self.model):
+                est = fisher(self.model, None, [(inputs, targets)], structure="kfac", reduction="mean",
+                             probes=self._fisher_args["probes"], seed=self._fisher_args["seed"],
+                             first_batch=self.steps, likelihood=self._fisher_args.get("likelihood", "softmax"),
+                             backend="torch")
+            self._kron.update(est)
+            self._refresh_lr()
         self._last_loss = float(value)
         return value
 
@@ -233,13 +262,14 @@ class NaturalGradient(torch.optim.Optimizer):
         ``closure`` (optional) re-evaluates the loss on the same batch after the step; with
         ``adapt_damping`` it drives the Levenberg–Marquardt update of λ. Returns its value.
         """
-        if self.curvature is None:
+        if self.curvature is None and (self._kron is None or self._kron.estimate is None):
             raise RuntimeError("step: no Fisher estimate yet; call optimizer.backward(inputs, targets) "
                                "(one forward + one batched backward) before step()")
         group = self.param_groups[0]
         by_name = dict(zip(self.names, group["params"]))
         params, grads = [], []
-        for name in self.curvature.layout.names:  # the parameters that required grad at backward()
+        for name in (self._kron.names if self._kron is not None else self.curvature.layout.names):
+            # the parameters that required grad at backward()
             p = by_name[name]
             if p.grad is None:
                 raise RuntimeError(f"step: parameter {name!r} has no gradient; call backward() first")
@@ -248,12 +278,16 @@ class NaturalGradient(torch.optim.Optimizer):
         if group["weight_decay"]:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         plan = self._plan
-        if plan is None or not plan.matches(self.curvature, self.damping):
+        if self._kron is not None:
+            lam = self.damping * self._kron.mean_diagonal() if self.relative_damping else self.damping
+            direction = self._kron.apply(grads, lam)
+        elif plan is None or not plan.matches(self.curvature, self.damping):
             # F̃ refreshed or λ changed: factorise once, then every step only applies it.
             plan = self._plan = Preconditioner(self.curvature, self.preconditioner, self.damping,
                                                unit_solve=self.unit_solve, pinv=self.pinv, inverse=_spd_inverse,
                                                relative_damping=self.relative_damping)
-        direction = plan.apply(grads)
+        if self._kron is None:
+            direction = self._plan.apply(grads)
         lr = group["lr"]
         g_dot_d = 0.0
         if self.lm is not None or self.kl_clip is not None:
@@ -291,7 +325,8 @@ class NaturalGradient(torch.optim.Optimizer):
         sd["natural"] = {"fisher": self.fisher.state_dict() if self.fisher is not None and self.fisher.state is not None
                          else None,
                          "damping": self.damping, "steps": self.steps,
-                         "lm": self.lm.state_dict() if self.lm is not None else None}
+                         "lm": self.lm.state_dict() if self.lm is not None else None,
+                         "kfac": None if self._kron is None else (self._kron.estimate, self._kron.refreshes)}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -303,6 +338,8 @@ class NaturalGradient(torch.optim.Optimizer):
         if extra["fisher"] is not None and self.fisher is not None:
             self.fisher.load_state_dict(extra["fisher"])
             self.curvature = Curvature.from_running(self.fisher)
+        if extra.get("kfac") is not None and self._kron is not None:
+            self._kron.estimate, self._kron.refreshes = extra["kfac"]
         self.damping, self.steps = float(extra["damping"]), int(extra["steps"])
         if extra["lm"] is not None:
             self.lm = self.lm or LevenbergMarquardt(self.damping)
@@ -315,6 +352,22 @@ class NaturalGradient(torch.optim.Optimizer):
                   f"probes={self.fisher.probes}, decay={self.fisher.decay}")
         return (f"NaturalGradient(preconditioner={self.preconditioner!r}, lr={self.param_groups[0]['lr']:.3g}, "
                 f"damping={lam}{rel}, {fisher}, refresh={self.refresh})")
+
+
+class _eval_mode:
+    """The model in eval mode for a K-FAC refresh (layer I/O refuses batch norm in training mode;
+    dropout off gives the factors of the deterministic network), its modes restored after."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes:
+            m.train(mode)
 
 
 def _with_direct_gradient(loss: Callable, params: list[torch.Tensor], out: dict) -> Callable:

@@ -126,7 +126,7 @@ def test_errors_are_named():
     with pytest.raises(TypeError, match="model"):
         NaturalGradient(list(m.parameters()))
     with pytest.raises(ValueError, match="preconditioner"):
-        NaturalGradient(m, preconditioner="kfac")
+        NaturalGradient(m, preconditioner="shampoo")
     with pytest.raises(ValueError, match="refresh"):
         NaturalGradient(m, refresh=0)
     with pytest.raises(RuntimeError, match="backward"):
