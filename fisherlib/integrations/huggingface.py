@@ -88,7 +88,12 @@ class FisherCallback(TrainerCallback):
         step = state.global_step
         if step < self.start or (step - self.start) % self.every:
             return
-        self.sample(model, self._next_batch(train_dataloader))
+        import torch
+
+        # A fresh dataloader iterator draws its shuffling seed from torch's global generator:
+        # fork it, so that training (dropout, the next epoch's order) runs as without the callback.
+        with torch.random.fork_rng(devices=[]):
+            self.sample(model, self._next_batch(train_dataloader))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.samples == 0:

@@ -17,10 +17,10 @@ from fisherlib.integrations.huggingface import FisherCallback  # noqa: E402
 N, T, C = 24, 6, 3
 
 
-def _model(seed=0):
+def _model(seed=0, dropout=0.0):
     config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=20, max_position_embeddings=16, num_labels=C,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     return transformers.BertForSequenceClassification(config)
 
@@ -61,11 +61,11 @@ def test_samples_are_fishers_hutchinson_probes():
     np.testing.assert_allclose(e1.stderr[name], np.sqrt(2) * e1.value[name], rtol=1e-12)
 
 
-def _train(tmp_path, callbacks, steps=8):
+def _train(tmp_path, callbacks, steps=8, dropout=0.0):
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=steps, per_device_train_batch_size=4,
                                           learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no",
                                           use_cpu=True, seed=0, disable_tqdm=True)
-    model = _model()
+    model = _model(dropout=dropout)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_rows(), callbacks=callbacks)
     trainer.train()
     return model
@@ -83,6 +83,12 @@ def test_trainer_writes_the_estimate_and_training_is_unchanged(tmp_path):
     plain = _train(tmp_path, [])
     for (n, a), (_, b) in zip(model.named_parameters(), plain.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)  # the callback leaves training alone
+    # With dropout, and batches from the Trainer's own dataloader (whose fresh iterator draws a
+    # shuffling seed from torch's generator): still the same training, over 2 epochs.
+    ours = _train(tmp_path, [FisherCallback(every=2)], steps=12, dropout=0.2)
+    plain = _train(tmp_path, [], steps=12, dropout=0.2)
+    for (n, a), (_, b) in zip(ours.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
 
 
 @pytest.mark.slow
