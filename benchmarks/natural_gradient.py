@@ -9,6 +9,9 @@ Methods (torch, batch 64, the same batches for every method of a seed):
   with one Hutchinson probe per step from the training step's own backward (true Fisher);
   "r=k": probes and a refreshed F̃ every k steps only (``refresh=k``), a plain backward and the
   cached factorisation of F̃ + λI on the steps between;
+- **fisherlib kfac**: ``NaturalGradient(preconditioner="kfac")``, Kronecker factors from one
+  Hutchinson probe per refresh (``fisher(structure="kfac")`` on the batch), their EMA and the
+  π-split damped solve through cached eigendecompositions;
 - **K-FAC (nngeometry)**: ``PMatKFAC`` of the current batch (closed-form expectation over the C
   classes) every 10 steps, its damped Kronecker solve every step (nngeometry's formula, with a
   float64 ``solve`` in place of its ``lstsq``, which fails inside MKL here). kfac-jax is not run: it is
@@ -171,7 +174,19 @@ GRIDS = {
     "fisherlib default": [(None, None)],
     # K-FAC's λ splits as √λ·π and √λ/π over its two factors: a wider range of it.
     "K-FAC (nngeometry)": [(0.03, 1e-3), (0.03, 1e-2), (0.1, 1e-2), (0.1, 1e-1)],
+    # fisherlib's K-FAC: factors from one Hutchinson probe (true Fisher) per refresh, their EMA,
+    # the same π-split damping; the same grid as nngeometry's.
+    "fisherlib kfac": [(0.03, 1e-3), (0.03, 1e-2), (0.1, 1e-2), (0.1, 1e-1)],
+    "fisherlib kfac r=10": [(0.03, 1e-3), (0.03, 1e-2), (0.1, 1e-2), (0.1, 1e-1)],
 }
+
+
+def grid(method):
+    """The settings tried for ``method``: GRIDS', or one fixed (lr, λ) written "name @lr/λ"."""
+    if "@" in method:
+        lr, lam = method.rsplit("@", 1)[1].split("/")
+        return [(float(lr), float(lam))]
+    return GRIDS[method]
 
 
 def run(method, kind, setting, seed, steps, eval_every, split):
@@ -195,7 +210,7 @@ def run(method, kind, setting, seed, steps, eval_every, split):
         opt = NaturalGradient(net, seed=seed)
     elif method.startswith("fisherlib"):
         _, kind_, *rest = method.split()
-        refresh = int(rest[0].removeprefix("r=")) if rest else 1
+        refresh = next((int(r.removeprefix("r=")) for r in rest if r.startswith("r=")), 1)
         opt = NaturalGradient(net, lr=lr, preconditioner=kind_, damping=lam, kl_clip=1e-2, refresh=refresh, seed=seed,
                               relative_damping="rel" in rest)
     else:
@@ -275,7 +290,9 @@ def main(argv=None) -> None:
         results = {}
         for method in methods:
             try:
-                best = min(GRIDS[method], key=lambda s: _tune(method, kind, s, tune_steps, split))
+                settings = grid(method)
+                best = settings[0] if len(settings) == 1 else min(settings, key=lambda s: _tune(method, kind, s,
+                                                                                            tune_steps, split))
                 runs = [run(method, kind, best, seed, steps, eval_every, split) for seed in seeds]
             except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
                 print(f"  {kind} {method}: failed ({type(e).__name__}: {e})", file=sys.stderr)

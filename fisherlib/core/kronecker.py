@@ -46,6 +46,8 @@ Array = Any
 
 __all__ = [
     "SETTINGS",
+    "basis_solve",
+    "damped_eigenvalues",
     "damped_solve",
     "eigh",
     "ekfac_matvec",
@@ -221,24 +223,33 @@ def _pi(lamA: Array, lamG: Array) -> Array:
     return xp.where(ok, xp.sqrt(xp.where(ok, a, 1.0) / xp.where(ok, g, 1.0)), xp.ones_like(a))
 
 
-def damped_solve(eigA: tuple[Array, Array | None], eigG: tuple[Array, Array], M: Array, damping: float, *,
-                 split: bool = False) -> Array:
-    """(A ⊗ G + λI)⁻¹ vec(M), or with ``split`` Martens & Grosse's (A + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹.
+def damped_eigenvalues(lamA: Array, lamG: Array, damping: float, *, split: bool = False) -> Array:
+    """The eigenvalues (G, O, Ĩ) of A ⊗ G + λI, or with ``split`` of Martens & Grosse's
+    (A + π√λ I) ⊗ (G + √λ/π I), from the factors' eigenvalues (G, Ĩ) and (G, O).
 
-    ``eigA``, ``eigG``: the factors' :func:`eigh`. The split form is the inverse of a Kronecker
-    product again (cheaper to keep, and what K-FAC optimizers use); it is not (A ⊗ G + λI)⁻¹
-    but (A ⊗ G + λI + π√λ A ⊗ I + √λ/π I ⊗ G)⁻¹, which damps more.
+    The split form is a Kronecker product again (what K-FAC optimizers invert); it is
+    A ⊗ G + λI + π√λ A ⊗ I + √λ/π I ⊗ G, which damps more than λI alone.
     """
-    xp = array_namespace(M)
-    (lamA, QA), (lamG, QG) = eigA, eigG
-    R = rotate(M, QG, QA)
     if split:
         pi = _pi(lamA, lamG)[:, None]
         root = math.sqrt(damping)
-        denom = (lamG + root / pi)[:, :, None] * (lamA + pi * root)[:, None, :]
-    else:
-        denom = lamG[:, :, None] * lamA[:, None, :] + damping
-    return rotate(R / denom, QG, QA, inverse=True)
+        return (lamG + root / pi)[:, :, None] * (lamA + pi * root)[:, None, :]
+    return lamG[:, :, None] * lamA[:, None, :] + damping
+
+
+def basis_solve(QA: Array | None, QG: Array | None, eigenvalues: Array, M: Array) -> Array:
+    """(Q_A ⊗ Q_G) diag(e)⁻¹ (Q_A ⊗ Q_G)ᵀ vec(M): divide by ``eigenvalues`` (G, O, Ĩ) in the eigenbasis."""
+    return rotate(rotate(M, QG, QA) / eigenvalues, QG, QA, inverse=True)
+
+
+def damped_solve(eigA: tuple[Array, Array | None], eigG: tuple[Array, Array], M: Array, damping: float, *,
+                 split: bool = False) -> Array:
+    """(A ⊗ G + λI)⁻¹ vec(M), or with ``split`` (A + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹ (:func:`damped_eigenvalues`).
+
+    ``eigA``, ``eigG``: the factors' :func:`eigh`.
+    """
+    (lamA, QA), (lamG, QG) = eigA, eigG
+    return basis_solve(QA, QG, damped_eigenvalues(lamA, lamG, damping, split=split), M)
 
 
 def ekfac_matvec(QA: Array | None, QG: Array, s: Array, M: Array) -> Array:
@@ -248,7 +259,7 @@ def ekfac_matvec(QA: Array | None, QG: Array, s: Array, M: Array) -> Array:
 
 def ekfac_solve(QA: Array | None, QG: Array, s: Array, M: Array, damping: float) -> Array:
     """(EK-FAC + λI)⁻¹ vec(M): divide by s + λ in the eigenbasis."""
-    return rotate(rotate(M, QG, QA) / (s + damping), QG, QA, inverse=True)
+    return basis_solve(QA, QG, s + damping, M)
 
 
 def logdet(eigenvalues: Array, damping: float) -> Array:

@@ -207,23 +207,26 @@ class KroneckerEstimate:
                          f"({', '.join(self.names[:3])}, ...) or a flat (P,) / (K, P) array, got {type(v).__name__}")
 
     def _apply(self, v: Any, block_fn: Callable, leaf_fn: Callable) -> Any:
-        flat = self.flatten(v)
-        xp = array_namespace(flat)
-        parts = self.unflatten(flat)
-        out = dict(parts)
-        for b in self.blocks:
-            M = _to_core(b, parts, xp=xp)
-            out.update(_from_core(b, block_fn(b, xp.astype(M, self._dtype()))))
-        for n in self.fallback:
-            out[n] = leaf_fn(n, xp.astype(parts[n], self._dtype()))
-        res = self.flatten({n: out[n] for n in self.names})
-        return res if not isinstance(v, Mapping) and hasattr(v, "ndim") else self._like_input(v, res)
+        """Apply ``block_fn`` to every block's tangent in core layout and ``leaf_fn`` to the
+        fallback leaves; the result is shaped like ``v`` (a dict, a tree, or flat)."""
+        leaves = self._tangent_leaves(v)
+        parts = self.unflatten(v) if leaves is None else dict(zip(self.names, leaves))
+        xp = array_namespace(*parts.values())
+        dtype = self._dtype()
 
-    def _like_input(self, v, flat):
-        d = self.unflatten(flat)
+        def cast(a):
+            return a if a.dtype == dtype else xp.astype(a, dtype)
+
+        out = {}
+        for b in self.blocks:
+            out.update(_from_core(b, block_fn(b, cast(_to_core(b, parts, xp=xp)))))
+        for n in self.fallback:
+            out[n] = leaf_fn(n, cast(parts[n]))
+        if leaves is None:
+            return self.flatten(out)
         if isinstance(v, Mapping) and all(n in v for n in self.names):
-            return d
-        return self._tree([d[n] for n in self.names]) if self._tree is not None else d
+            return out
+        return self._tree([out[n] for n in self.names]) if self._tree is not None else out
 
     def _dtype(self):
         return self.parts[0].dtype
@@ -258,14 +261,24 @@ class KroneckerEstimate:
             raise ValueError("split: π-split damping is for K-FAC's two factors; EK-FAC's diagonal takes λ directly")
 
         def block(b, M):
-            if self.structure == "ekfac":
-                QA, QG = self._basis(b)
-                return kronecker.ekfac_solve(QA, QG, self.factors[b.name]["S"], M, damping)
-            eA, eG = self._eig(b)
-            return kronecker.damped_solve(eA, eG, M, damping, split=split)
+            return kronecker.basis_solve(*self._damped(b, damping, split), M)
 
         diag = self._fallback_values()
         return self._apply(v, block, lambda n, x: x / (diag[n] + damping))
+
+    def _damped(self, b: KroneckerBlock, damping: float, split: bool):
+        """(Q_A, Q_G, eigenvalues of the damped block), cached per λ: a step only rotates and divides."""
+        key = ("damped", b.name, damping, split)
+        if key not in self._cache:
+            if self.structure == "ekfac":
+                QA, QG = self._basis(b)
+                e = self._mean(self._part("S", b.name)) + damping
+            else:
+                (lamA, QA), (lamG, QG) = self._eig(b)
+                e = kronecker.damped_eigenvalues(lamA, lamG, damping, split=split)
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != "damped" or k[2:] == (damping, split)}
+            self._cache[key] = (QA, QG, e)
+        return self._cache[key]
 
     def logdet(self, damping: float) -> float:
         """log det(F̂ + λI): Σ log(λ_G,i λ_A,j + λ) per K-FAC block, Σ log(s + λ) for EK-FAC."""
