@@ -34,6 +34,10 @@ def __getattr__(name: str):
         from ._torch_optim import NaturalGradient
 
         return NaturalGradient
+    if name == "kfac_natural_gradient":
+        from ._kronecker_optax import kfac_natural_gradient
+
+        return kfac_natural_gradient
     if name in ("natural_gradient", "value_grad_and_probes"):
         from . import _optax
 

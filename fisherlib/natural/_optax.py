@@ -66,7 +66,8 @@ _CHOLESKY = (jnp.linalg.cholesky, _cho_solve)
 
 def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "diag", damping: float = 1e-3,
                      decay: float | None = 0.95, momentum: float = 0.0, kl_clip: float | None = 1e-2,
-                     unit_solve: str = "auto", pinv: bool = False) -> optax.GradientTransformationExtraArgs:
+                     unit_solve: str = "auto", pinv: bool = False,
+                     kfac: Any = None) -> optax.GradientTransformationExtraArgs:
     r"""Natural-gradient steps −η·(F̃ + λI)⁻¹ g as an optax transformation.
 
     ``update(grads, state, params=None, *, probe_grads=None, n=None)``: with ``probe_grads``
@@ -79,7 +80,10 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
         η, or an optax schedule of the step count (e.g. set from λ_max with
         :func:`~fisherlib.natural.lr_from_lambda_max`).
     preconditioner, damping, unit_solve, pinv
-        See :func:`~fisherlib.natural.precondition`.
+        See :func:`~fisherlib.natural.precondition`. ``preconditioner="kfac"``: Kronecker
+        factors instead of the running estimate (:func:`kfac_natural_gradient`, docs/kfac.md):
+        pass a first ``kfac=fisher(f, params, batch, structure="kfac", reduction="mean")`` and,
+        at each refresh, ``update(..., kfac=<the refresh batch's estimate>)``.
     decay : float or None
         EMA decay of the Fisher terms (None: running mean).
     momentum : float
@@ -96,8 +100,18 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
     in between only apply them (dense blocks: a Cholesky factor, then two triangular solves per
     step instead of an LU solve).
     """
+    if preconditioner == "kfac":  # Kronecker factors from fisher(structure="kfac"), not the running diagonal
+        if kfac is None:
+            raise ValueError("kfac: preconditioner='kfac' needs a first K-FAC estimate, "
+                             "kfac=fisher(f, params, batch, structure='kfac', reduction='mean')")
+        from ._kronecker_optax import kfac_natural_gradient
+
+        return kfac_natural_gradient(learning_rate, kfac, damping=damping, decay=0.0 if decay is None else decay,
+                                     momentum=momentum, kl_clip=kl_clip)
     if preconditioner not in KINDS:
-        raise ValueError(f"preconditioner: expected one of {KINDS}, got {preconditioner!r}")
+        raise ValueError(f"preconditioner: expected one of {KINDS + ('kfac',)}, got {preconditioner!r}")
+    if kfac is not None:
+        raise ValueError(f"kfac: only used with preconditioner='kfac', got preconditioner={preconditioner!r}")
     if unit_solve not in UNIT_SOLVES:
         raise ValueError(f"unit_solve: expected one of {UNIT_SOLVES}, got {unit_solve!r}")
     if kl_clip is not None and not kl_clip > 0:
