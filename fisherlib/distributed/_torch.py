@@ -13,11 +13,14 @@ import numpy as np
 from ..estimators import FisherEstimate
 from ..estimators import fisher as _fisher
 from ..estimators._estimate import _META, _join_draws, _to_numpy
+from ..estimators._kfac import KroneckerBlock
+from ..estimators._kronecker import _META as _KRONECKER_META
+from ..estimators._kronecker import KroneckerEstimate
 
 __all__ = ["Shard", "fisher", "shard"]
 
 # Options every rank must share, or the all-reduce would add unlike things.
-_SAME = ("method", "structure", "likelihood", "bound", "rank", "reduction", "n_probes", "per_example",
+_SAME = ("method", "structure", "setting", "likelihood", "bound", "rank", "reduction", "n_probes", "per_example",
          "dist", "seed", "names")
 
 
@@ -137,7 +140,7 @@ def fisher(model: Any, params: Any, batches: Iterable[Any], *, group: Any = None
         raise ValueError("batches: no rank was given a batch")
     for r, m in enumerate(metas):
         for key in _SAME:
-            if m["n_inputs"] and m["est"][key] != ref["est"][key]:
+            if m["n_inputs"] and m["est"].get(key) != ref["est"].get(key):
                 raise ValueError(f"ranks disagree on {key}: {ref['est'][key]!r} and {m['est'][key]!r} "
                                  f"(rank {r}); call fisher with the same options on every rank")
     draws: tuple = ()
@@ -154,6 +157,13 @@ def fisher(model: Any, params: Any, batches: Iterable[Any], *, group: Any = None
     n_inputs = sum(m["n_inputs"] for m in metas)
     outs = [m["est"]["n_outputs"] for m in metas if m["n_inputs"]]
     n_outputs = None if None in outs else sum(outs)
+    if local is None and ref.get("kronecker"):  # no batch here: K-FAC blocks from another rank's description
+        lay = ref["kronecker"]
+        local = KroneckerEstimate(names=ref["est"]["names"], shapes=[tuple(s) for s in lay["shapes"]],
+                                  blocks=[KroneckerBlock.from_dict(b) for b in lay["blocks"]],
+                                  fallback=lay["fallback"], basis=lay["basis"],
+                                  parts=[np.zeros(s, ref["dtype"]) for s in ref["shapes"]],
+                                  **{k: ref["est"][k] for k in _KRONECKER_META})
     if local is None:  # this rank had no batch: an estimate from another rank's description
         local = FisherEstimate(names=ref["est"]["names"], parts=[np.zeros(s, ref["dtype"]) for s in ref["shapes"]],
                                **{k: ref["est"][k] for k in _META if k != "names"},
@@ -203,10 +213,17 @@ def _describe(est, error) -> dict:
         return {"error": f"{type(error).__name__}: {error}", "n_inputs": 0, "draws": ()}
     if est is None:
         return {"error": None, "n_inputs": 0, "draws": ()}
-    return {"error": None, "n_inputs": est.n_inputs, "draws": est.draws,
-            "est": {**{k: getattr(est, k) for k in _META}, "names": est.names},
-            "block_shapes": est.block_shapes, "shapes": [tuple(x.shape) for x in est.parts],
-            "dtype": str(est.parts[0].dtype).replace("torch.", "")}
+    kron = isinstance(est, KroneckerEstimate)
+    out = {"error": None, "n_inputs": est.n_inputs, "draws": est.draws,
+           "est": {**{k: getattr(est, k) for k in (_KRONECKER_META if kron else _META)}, "names": est.names},
+           "block_shapes": getattr(est, "block_shapes", {}), "shapes": [tuple(x.shape) for x in est.parts],
+           "dtype": str(est.parts[0].dtype).replace("torch.", "")}
+    if kron:  # what a rank without batches needs to hold the same blocks
+        basis = None if est.basis is None else [[None if q is None else _to_numpy(q) for q in pair]
+                                                for pair in est.basis]
+        out["kronecker"] = {"shapes": [list(s) for s in est.shapes], "blocks": [b.to_dict() for b in est.blocks],
+                            "fallback": list(est.fallback), "basis": basis}
+    return out
 
 
 def _flatten(est, ref, backend: str):

@@ -25,6 +25,7 @@ CASES = {
     "mc-blocks": (dict(method="mc", probes=2, seed=1, structure="blocks"), False),
     "exact": (dict(method="exact"), False),
     "empirical-trace": (dict(method="empirical", structure="trace"), True),
+    "kfac": (dict(structure="kfac", probes=2, seed=5), False),
 }
 
 
@@ -52,6 +53,10 @@ def run(rank: int, world: int, init_file: str, out: str) -> None:
     assert (est is None) == (rank != 0), est
     if est is not None:
         est.save(os.path.join(out, f"dst-{world}.npz"))
+    # K-FAC on a rank without batches: the blocks come from another rank's description.
+    est = fd.fisher(model, None, xs[:2] if rank == 1 else [], batch_indices=[5, 6] if rank == 1 else [],
+                    structure="kfac", method="exact")
+    est.save(os.path.join(out, f"kfac-tail-{world}-{rank}.npz"))
     # An error on one rank reaches every rank instead of hanging the others.
     try:
         fd.fisher(model, None, xs[:1], method="empirical" if rank == world - 1 else "exact")

@@ -11,7 +11,7 @@ if not dist.is_available():  # pragma: no cover - builds without distributed sup
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 import fisherlib  # noqa: E402
-from fisherlib.estimators import FisherEstimate  # noqa: E402
+from fisherlib.estimators import FisherEstimate, KroneckerEstimate  # noqa: E402
 
 from . import _torch_workers as W  # noqa: E402
 
@@ -30,7 +30,12 @@ def single():
            for name, (kw, p) in W.CASES.items()}
     out["ddp-contiguous"] = out["hutchinson"]
     out["tail"] = fisherlib.fisher(model, None, xs[:2], first_batch=5, probes=3, seed=4)
+    out["kfac-tail"] = fisherlib.fisher(model, None, xs[:2], first_batch=5, structure="kfac", method="exact")
     return out
+
+
+def load(path):
+    return (KroneckerEstimate if path.name.startswith("kfac") else FisherEstimate).load(path)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -45,7 +50,7 @@ def test_union_equals_single_process(world, single, tmp_path):
     mp.start_processes(W.run, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
                        join=True, start_method="forkserver")
     for name in [*W.CASES, "ddp-contiguous"]:
-        ests = [FisherEstimate.load(tmp_path / f"{name}-{world}-{r}.npz") for r in range(world)]
+        ests = [load(tmp_path / f"{name}-{world}-{r}.npz") for r in range(world)]
         ref = single[name]
         for est in ests:  # every rank holds the union
             assert est.n_inputs == est.n_outputs == W.N_BATCHES * W.B
@@ -54,6 +59,9 @@ def test_union_equals_single_process(world, single, tmp_path):
     dst = FisherEstimate.load(tmp_path / f"dst-{world}.npz")
     assert dst.n_inputs == 2 * W.B and dst.draws == ((4, 5, 7),)
     np.testing.assert_allclose(flat(dst), flat(single["tail"]), rtol=1e-12)
+    for r in range(world):  # K-FAC with ranks that had no batch: every rank holds rank 1's blocks
+        est = load(tmp_path / f"kfac-tail-{world}-{r}.npz")
+        np.testing.assert_allclose(est.to_dense(), single["kfac-tail"].to_dense().numpy(), rtol=1e-12)
     errors = [(tmp_path / f"error-{world}-{r}.txt").read_text() for r in range(world)]
     assert "pairs" in errors[-1] and all(f"rank {world - 1} failed" in e for e in errors[:-1])
 
