@@ -350,3 +350,18 @@ def test_jax_ekfac_and_trees_match_torch(data):
     ref = t.solve({n: torch.ones_like(p) for n, p in net.named_parameters()}, 0.1)
     for n in t.names:
         np.testing.assert_allclose(np.asarray(out[n]), _np(ref[n]), rtol=1e-8)
+
+
+def test_jax_devices_reduce_kronecker_estimates(data):
+    """distributed.jax_fisher compiles each device's batches and sums the K-FAC parts like any estimate."""
+    pytest.importorskip("jax")
+    import fisherlib.distributed as fd
+
+    x, _ = data
+    f, params, jnp = _jax_twin(_mlp())
+    xs = [jnp.asarray(x[i:i + 6]) for i in range(0, N, 6)]
+    for kw in (dict(method="exact"), dict(probes=2, seed=1)):
+        got = fd.jax_fisher(f, params, xs, structure="kfac", **kw)
+        ref = fisherlib.fisher(f, params, xs, structure="kfac", **kw)
+        assert isinstance(got, KroneckerEstimate) and got.draws == ref.draws
+        np.testing.assert_allclose(np.asarray(got.to_dense()), np.asarray(ref.to_dense()), rtol=1e-10, atol=1e-13)
