@@ -40,6 +40,10 @@ class Backend(Protocol):
     - ``vjp_fresh = True``: every array ``vjp`` returns is newly allocated, so an estimator may
       overwrite it (square a probe gradient in place instead of allocating g²). Absent or
       False for user-written models, whose VJPs may return arrays they keep;
+    - ``vjp.frees_graph = True`` (an attribute of the returned ``vjp``): ``vjp(ct, last=True)``
+      may free the forward's saved state as its backward passes it, after which ``vjp`` is
+      not called again; an estimator's last pull-back of a batch asks for it, so that its
+      peak memory is a training step's (the torch adapter: ``docs/language-models.md``);
     - ``batched(like) -> bool``: whether K cotangents on ``like``'s device are faster pulled
       back in one call (True, the default when absent) or one call each
       (:class:`~fisherlib.estimators.RunningFisher` then never stacks the K + 1 gradients).

@@ -14,6 +14,7 @@ from array_api_compat import (
     is_array_api_obj,
     is_jax_array,
     is_lazy_array,
+    is_writeable_array,
 )
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "device",
     "is_eager",
     "is_lazy_array",
+    "is_writeable_array",
     "namespace_of",
 ]
 

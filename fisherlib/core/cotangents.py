@@ -16,6 +16,15 @@ exact           the columns B e_k (k = 1..C)            F (no randomness)
 
 For the multi-label sigmoid likelihood, B = diag(√σ'), the residual is y - σ and ŷ_c ~
 Bernoulli(σ_c).
+
+Memory. A language model's logits have N·T rows of V classes (2 × 128 × 50,257 = 12.9 M
+entries for GPT-2 small at 256 tokens), and each cotangent's formula makes several temporaries
+of that size (p, √p, the sum's terms; sixteen in ``log_softmax``). :func:`hutchinson`,
+:func:`sample_labels` and :func:`label_residual` therefore go through the rows in chunks of at
+most ``ROWS`` entries of a stack and write each chunk into one output array, so that besides the
+logits and the probes only the result is logit-sized; the numbers are those of the one-piece
+computation (each row's arithmetic is the same). Where arrays cannot be written into (JAX,
+whose ``jit`` fuses the temporaries away) the whole stack is computed at once.
 """
 
 from __future__ import annotations
@@ -23,15 +32,18 @@ from __future__ import annotations
 from typing import Any
 
 from . import hypercube, simplex
-from ._compat import check_logits, device, namespace_of
+from ._compat import check_logits, device, is_writeable_array, namespace_of
 from ._lib import index_dtype, log_sigmoid, log_softmax, restore
 
 Array = Any
 
-__all__ = ["column_source", "cross_entropy_and_hutchinson", "exact_columns", "hutchinson", "label_residual",
+__all__ = ["by_rows", "column_source", "cross_entropy_and_hutchinson", "exact_columns", "hutchinson", "label_residual",
            "lower_bound", "sample_labels", "training_cotangents", "upper_bound"]
 
 LIKELIHOODS = ("softmax", "sigmoid")
+
+ROWS = 1 << 22
+"""Entries (K × rows × C) of one chunk of a logit-sized cotangent stack formed at once."""
 
 
 def _likelihood(likelihood: str):
@@ -41,8 +53,37 @@ def _likelihood(likelihood: str):
 
 
 def hutchinson(z: Array, xi: Array, likelihood: str = "softmax") -> Array:
-    """B(p̃) ξ for probes ``xi`` (K, N, C): unbiased for F once pulled back and squared."""
-    return _likelihood(likelihood).factor_matvec(z, xi)
+    """B(p̃) ξ for probes ``xi`` (K, N, C): unbiased for F once pulled back and squared.
+
+    Formed in chunks of rows (see the module's Notes on memory).
+    """
+    return by_rows(_likelihood(likelihood).factor_matvec, z, xi)
+
+
+def by_rows(f, z: Array, stack: Array, *, budget: int | None = None) -> Array:
+    """``f(z, stack)`` for logits ``z`` (N, C) and a stack (K, N, ...), in chunks of rows.
+
+    Chunk n₀:n₁ is ``f(z[n₀:n₁], stack[:, n₀:n₁])``, written into one output (K, N, ...): the
+    temporaries of ``f`` are only chunk-sized. ``f`` must treat rows independently. The whole
+    stack at once when it fits ``budget`` entries (default :data:`ROWS`), when the shapes are
+    other than these, or when the namespace's arrays cannot be written into (JAX).
+    """
+    budget = ROWS if budget is None else budget
+    if (getattr(z, "ndim", 0) != 2 or getattr(stack, "ndim", 0) < 2 or stack.shape[1] != z.shape[0]
+            or stack.shape[0] * z.shape[0] * z.shape[1] <= budget or not is_writeable_array(z)):
+        return f(z, stack)
+    xp = namespace_of(z=z, stack=stack)
+    N = z.shape[0]
+    step = max(1, budget // max(1, stack.shape[0] * z.shape[1]))
+    out = None
+    for a in range(0, N, step):
+        b = min(N, a + step)
+        part = f(z[a:b, ...], stack[:, a:b, ...])
+        if out is None:
+            out = xp.empty((part.shape[0], N, *part.shape[2:]), dtype=part.dtype, device=device(part))
+        out[:, a:b, ...] = part
+        del part
+    return out
 
 
 def upper_bound(z: Array, xi: Array) -> Array:
@@ -148,6 +189,13 @@ def sample_labels(z: Array, u: Array, likelihood: str = "softmax") -> Array:
 
     softmax: ``u`` (K, N) -> class indices (K, N); sigmoid: ``u`` (K, N, C) -> 0/1 (K, N, C).
     """
+    _likelihood(likelihood)
+    if getattr(u, "ndim", 0) == (2 if likelihood == "softmax" else 3):  # (K, N[, C]): by rows
+        return by_rows(lambda zc, uc: _sample_labels(zc, uc, likelihood), z, u)
+    return _sample_labels(z, u, likelihood)
+
+
+def _sample_labels(z, u, likelihood):
     xp, zw, _ = check_logits(z, softmax=likelihood == "softmax")
     if _likelihood(likelihood) is hypercube:
         return xp.astype(u < xp.exp(log_sigmoid(zw, xp=xp)), zw.dtype)
@@ -157,7 +205,17 @@ def sample_labels(z: Array, u: Array, likelihood: str = "softmax") -> Array:
 
 
 def label_residual(z: Array, y: Array, likelihood: str = "softmax") -> Array:
-    """∂ log p(y|z)/∂z: e_y - p for class indices ``y`` (..., N), y - σ for 0/1 labels (..., N, C)."""
+    """∂ log p(y|z)/∂z: e_y - p for class indices ``y`` (..., N), y - σ for 0/1 labels (..., N, C).
+
+    Labels with one leading axis (K, N[, C]) are gone through in chunks of rows (module Notes).
+    """
+    _likelihood(likelihood)
+    if getattr(y, "ndim", 0) == (2 if likelihood == "softmax" else 3):
+        return by_rows(lambda zc, yc: _label_residual(zc, yc, likelihood), z, y)
+    return _label_residual(z, y, likelihood)
+
+
+def _label_residual(z, y, likelihood):
     xp, zw, dtype = check_logits(z, softmax=likelihood == "softmax")
     if _likelihood(likelihood) is hypercube:
         return xp.astype(y, zw.dtype) - xp.exp(log_sigmoid(zw, xp=xp))

@@ -266,7 +266,10 @@ def fisher(
                 be, model, params, inputs, cts, capture, structure=structure, plan=plan, shapes=shapes,
                 names=names, summed=method in DETERMINISTIC, chunk_size=opts["chunk_size"])
         else:
-            grads = [g for _, g in be.leaves(vjp(cts[0]))]
+            # The batch's last pull-back: a vjp that can (frees_graph) frees the forward's graph as
+            # its backward passes it, so the peak memory is a training step's (docs/language-models.md).
+            g = vjp(cts[0], last=True) if getattr(vjp, "frees_graph", False) else vjp(cts[0])
+            grads = [g for _, g in be.leaves(g)]
             if structure == "diag":  # one term per probe: squares, without summing a size-1 axis
                 contrib = [_square(g, getattr(be, "vjp_fresh", False)) for g in grads]
             else:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..core._compat import array_namespace, device, is_eager
+from ..core._compat import array_namespace, device, is_eager, is_writeable_array
 
 Array = Any
 
@@ -94,11 +94,23 @@ def weights(inputs: Any, labels: Any, logits: Array, *, mask: str | Callable | N
 
 
 def masked(cts: Iterable[Array], m: Array, shape: tuple[int, ...]) -> Iterable[Array]:
-    """Every cotangent stack (V, *shape) times the outputs' weights ``m`` (N·T,)."""
+    """Every cotangent stack (V, *shape) times the outputs' weights ``m`` (N·T,).
+
+    A list holds stacks the estimator made for this batch (one random cotangent): they are
+    multiplied in place where the namespace allows (JAX rebinds), so that a language model's
+    masked cotangent is not a second N·T·V array beside the first.
+    """
     xp = array_namespace(m)
     w = xp.reshape(m, (1, *shape[:-1], 1))
     if isinstance(cts, list):
-        return [c * xp.astype(w, c.dtype) for c in cts]
+        out = []
+        for c in cts:
+            if is_writeable_array(c):
+                c *= xp.astype(w, c.dtype)
+            else:
+                c = c * xp.astype(w, c.dtype)
+            out.append(c)
+        return out
     return (c * xp.astype(w, c.dtype) for c in cts)
 
 

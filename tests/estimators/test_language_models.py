@@ -1,0 +1,119 @@
+"""The Fisher of causal language models (issue 24), on the tiny twin of GPT-2 small.
+
+The workload (:mod:`fisherlib.demo.lm`), the memory-lean paths (cotangents formed in chunks of
+positions, the graph freed by the last pull-back) against the one-piece computation, and the
+integrations language-model users run, each against a dense float64 reference or the plain
+float32 path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import fisherlib  # noqa: E402
+from fisherlib.core import cotangents  # noqa: E402
+from fisherlib.demo import lm  # noqa: E402
+
+from token_reference import as_numpy, diag_tree, token_fisher  # noqa: E402
+
+V = 37  # a small vocabulary keeps the dense references' per-class loops short
+
+
+def _model(**kw):
+    return lm.gpt2("tiny", seed=0, vocab_size=V, **kw)
+
+
+def _batch(n=2, length=6, seed=1, vocab=V):
+    return next(lm.lm_batches(lm.random_ids(n * length + 1, vocab, seed=seed), n, length))
+
+
+def _flat(est):
+    return np.concatenate([np.asarray(v.detach().double()).ravel() for v in est.value.values()])
+
+
+# ------------------------------------------------------------------------------- the workload
+
+
+def test_gpt2_small_config_is_gpt2_small():
+    cfg = lm.SIZES["small"]
+    assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab_size"]) == (12, 768, 12, 50257)
+    model = _model()
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.transformer.wte.weight
+    assert model.config._attn_implementation == "sdpa"
+    out = model(input_ids=_batch()["input_ids"]).logits
+    assert tuple(out.shape) == (2, 6, V)
+
+
+def test_text_and_batches():
+    text = lm.text()
+    assert len(text) > 400_000 and "assert" in text  # CPython's help topics ship with Python
+    ids = lm.token_ids("bytes")
+    assert ids.max() < 256 and ids.shape[0] >= len(text)
+    b = list(lm.lm_batches(ids, n=3, length=8, batches=2))
+    assert len(b) == 2
+    x, y = b[0]["input_ids"], b[0]["labels"]
+    assert tuple(x.shape) == tuple(y.shape) == (3, 8)
+    assert torch.equal(y[:, :-1], x[:, 1:]) and bool((y[:, -1] == -100).all())
+    assert int(y[0, -1 - 0 - 1]) == int(x[0, -1])  # position t's label is token t + 1
+    assert torch.equal(b[1]["input_ids"].reshape(-1)[:1], torch.as_tensor(ids[24:25]))
+    with pytest.raises(ValueError, match="tokenizer"):
+        lm.token_ids("words")
+    with pytest.raises(ValueError, match="size"):
+        lm.gpt2("medium")
+
+
+def test_lm_loss_is_the_models_own_loss():
+    model, batch = _model(), _batch()
+    out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])  # HF shifts its labels itself
+    mine = lm.lm_loss(out.logits, batch["labels"])
+    assert torch.allclose(mine, out.loss, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------- memory-lean paths
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "mc"])
+def test_cotangents_in_chunks_of_positions_give_the_same_numbers(monkeypatch, method):
+    model, batch = _model(), _batch(n=3, length=8)
+    whole = fisherlib.fisher(model, None, [batch], method=method, probes=2, seed=3)
+    calls = []
+    by_rows = cotangents.by_rows
+
+    def spy(f, z, stack, budget=None):
+        calls.append(z.shape)
+        return by_rows(f, z, stack, budget=budget)
+
+    monkeypatch.setattr(cotangents, "ROWS", 5 * V)  # a few positions per chunk
+    monkeypatch.setattr(cotangents, "by_rows", spy)
+    chunked = fisherlib.fisher(model, None, [batch], method=method, probes=2, seed=3)
+    assert calls  # the chunked path ran
+    np.testing.assert_allclose(_flat(chunked), _flat(whole), rtol=1e-6, atol=0)
+
+
+def test_by_rows_writes_every_chunk():
+    rng = np.random.default_rng(0)
+    z, xi = rng.normal(size=(11, 4)), rng.choice([-1.0, 1.0], size=(3, 11, 4))
+    want = cotangents.hutchinson(z, xi)
+    got = cotangents.by_rows(lambda a, b: cotangents.hutchinson(a, b), z, xi, budget=3 * 4 * 2)
+    np.testing.assert_array_equal(got, want)
+    u = rng.uniform(size=(3, 11))
+    np.testing.assert_array_equal(cotangents.by_rows(cotangents.sample_labels, z, u, budget=12),
+                                  cotangents.sample_labels(z, u))
+
+
+def test_last_pull_back_frees_the_graph_and_gives_the_same_gradients():
+    model, batch = _model(), _batch()
+    be = fisherlib.backends.get("torch")
+    z, vjp = be.linearize(model, None, {"input_ids": batch["input_ids"]})
+    assert vjp.frees_graph
+    ct = torch.randn(2, *z.shape, generator=torch.Generator().manual_seed(0))
+    kept = vjp(ct)
+    freed = vjp(ct, last=True)
+    for k in kept:
+        assert torch.equal(kept[k], freed[k])
+    with pytest.raises(RuntimeError):
+        vjp(ct)  # the saved activations are gone
