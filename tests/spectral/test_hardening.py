@@ -165,3 +165,27 @@ def test_auto_weighs_time():
     # F's side: 2·R·P² + 10·P³ flops; the Gram side would be 10·R³ = 2.2e13 flops (~2,000 s).
     assert t_exact < 60 and method == ("exact" if t_exact <= t_est else "estimate")
     assert t_est > 1
+
+
+def test_cached_forward_passes_give_the_same_products():
+    """cache=True keeps each batch's forward pass: the products (first and later passes) equal
+    those without it, batch by batch (a cache keyed wrongly would serve one batch for all)."""
+    model, params, batches, _ = case("numpy")
+    V = np.random.default_rng(8).normal(size=(2, 59))
+    plain = fisher_operator(model, params, batches).matmat(V)
+    op = fisher_operator(model, params, batches, cache=True)
+    for _ in range(2):
+        np.testing.assert_allclose(op.matmat(V), plain, rtol=1e-12)
+    assert len(op._cached) == len(batches)
+
+
+def test_every_requested_pair_converges():
+    """The stopping rule checks all k pairs: a dominant λ₁ converges in a few steps, while λ₂ of
+    a tight cluster needs many more; stopping on λ₁ alone leaves λ₂ with a large residual."""
+    rng = np.random.default_rng(3)
+    Q, _ = np.linalg.qr(rng.normal(size=(200, 200)))
+    w = np.concatenate([[100.0, 1.0], np.linspace(0.0, 0.99, 198)])
+    A = (Q * w) @ Q.T
+    res = top_eigenpairs(lambda X: X @ A, rng.normal(size=200), 2, tol=1e-10)
+    np.testing.assert_allclose(res.values, [100.0, 1.0], rtol=1e-9)
+    assert np.all(res.residuals < 1e-7)
