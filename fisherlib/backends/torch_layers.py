@@ -264,6 +264,10 @@ class LayerCapture:
         self.elements = sum(c.y.numel() for c in self.calls)  # cotangent entries per column
         # Every recognised output is the logits themselves (a linear head on fixed features).
         self.logits_only = bool(self.calls) and all(c.y is out for c in self.calls)
+        # Set by the estimator for such a head with positions (a language model's output
+        # projection): dense layers whose output is the logits record every position as its
+        # own input, so that one column √diag I(z) gives the exact diagonal in closed form.
+        self.positions_as_inputs = False
 
     def __call__(self, ct: torch.Tensor) -> list[Layer]:
         """Layers for a stack ``ct`` (V, *logits.shape) of logit cotangents, one batched backward."""
@@ -290,6 +294,9 @@ class LayerCapture:
         leaves = {r: self.names[i] for r, i in roles.items()}
         shapes = {r: self.shapes[i] for r, i in roles.items()}
         if isinstance(m, nn.Linear) or _transposed_linear(m):
+            if self.positions_as_inputs and c.y is self.out:  # (N·T, 1, 1, I): a position per row
+                return Layer("dense", leaves, shapes, c.x.reshape(-1, 1, 1, c.x.shape[-1]),
+                             g.reshape(V, -1, 1, 1, g.shape[-1]), layout="oi" if isinstance(m, nn.Linear) else "io")
             x = c.x.reshape(N, -1, 1, c.x.shape[-1])
             return Layer("dense", leaves, shapes, x, g.reshape(V, N, -1, 1, g.shape[-1]),
                          layout="oi" if isinstance(m, nn.Linear) else "io")

@@ -65,13 +65,18 @@ def exact_cotangents(z: Array, shape: tuple[int, ...], opts: dict, capture, stru
     When every recognised layer's output is the logits themselves (a linear head on fixed
     features) and no leaf is uncovered, g = u for every column u, and a diagonal needs only
     Σ_k u_k² = diag of the kernel (``cotangents.exact_diagonal``): one column √diag gives it,
-    whatever C (at C = 10⁴ the columns one by one take minutes).
+    whatever C (at C = 10⁴ the columns one by one take minutes). With positions (N, T, C) — a
+    language model's output projection — the same holds once the capture records every
+    position as its own input (``positions_as_inputs``, where the adapter offers it): the
+    diagonal Σ_nt diag I(z_nt) ⊗ h_nt² in one matrix product, instead of C·T columns.
     """
     if (structure in ("diag", "trace") and capture is not None and getattr(capture, "logits_only", False)
-            and not capture.uncovered and len(shape) == 2):
+            and not capture.uncovered and (len(shape) == 2 or hasattr(capture, "positions_as_inputs"))):
         xp = array_namespace(z)
+        if len(shape) > 2:
+            capture.positions_as_inputs = True
         d = cotangents.exact_diagonal(z, opts["likelihood"], opts["bound"], opts["rank"])
-        return iter([xp.sqrt(xp.clip(d, min=0.0))[None, ...]])
+        return iter([xp.reshape(xp.sqrt(xp.clip(d, min=0.0)), (1, *shape))])
     return column_chunks(z, shape, opts, capture.elements if capture else 0)
 
 

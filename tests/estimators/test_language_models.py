@@ -117,3 +117,51 @@ def test_last_pull_back_frees_the_graph_and_gives_the_same_gradients():
         assert torch.equal(kept[k], freed[k])
     with pytest.raises(RuntimeError):
         vjp(ct)  # the saved activations are gone
+
+
+# ------------------------------------------------------------------ exact head, subsets
+
+
+def _untied():
+    return _model(tie=False)
+
+
+def test_exact_head_diagonal_in_closed_form_matches_the_dense_reference(monkeypatch):
+    model, batch = _untied(), _batch(n=2, length=5)
+    head = {"lm_head.weight": model.lm_head.weight}
+    weights = (batch["labels"] != -100).double().numpy()
+    ref = diag_tree(*token_fisher(model.double(), {"input_ids": batch["input_ids"]}, weights, params=dict(
+        head), full=False))
+    model.float()
+    columns = []
+    from fisherlib.estimators import _products
+
+    orig = _products.column_chunks
+    monkeypatch.setattr(_products, "column_chunks", lambda *a, **k: columns.append(1) or orig(*a, **k))
+    est = fisherlib.fisher(model, head, [batch], method="exact")
+    assert not columns  # one column √diag I(z), not V·T of them
+    np.testing.assert_allclose(as_numpy(est.value)["lm_head.weight"], ref["lm_head.weight"], rtol=2e-5,
+                               atol=1e-9 * ref["lm_head.weight"].max())
+    assert est.n_outputs == 2 * 4
+
+
+def test_exact_and_per_example_methods_on_the_last_block_and_head():
+    model, batch = _untied().double(), _batch(n=2, length=4)
+    last = {n: p for n, p in model.named_parameters()
+            if n.startswith(("transformer.h.1.", "transformer.ln_f.", "lm_head."))}
+    weights = (batch["labels"] != -100).double().numpy()
+    inputs = {"input_ids": batch["input_ids"]}
+    F, names, shapes = token_fisher(model, inputs, weights, params=last, full=False)
+    ref = diag_tree(F, names, shapes)
+    exact = as_numpy(fisherlib.fisher(model, last, [batch], method="exact").value)
+    emp_ref = diag_tree(*token_fisher(model, inputs, weights, params=last, full=False,
+                                      labels=torch.where(batch["labels"] < 0, 0, batch["labels"]).numpy()))
+    emp = as_numpy(fisherlib.fisher(model, last, [batch], method="empirical").value)
+    for n in names:
+        np.testing.assert_allclose(exact[n], ref[n], rtol=1e-8, atol=1e-12 * ref[n].max())
+        np.testing.assert_allclose(emp[n], emp_ref[n], rtol=1e-8, atol=1e-12 * max(emp_ref[n].max(), 1e-300))
+    # per-example Hutchinson: unbiased for the same F; its trace within 5 standard errors
+    est = fisherlib.fisher(model, last, [batch], per_example=True, probes=64, seed=0, structure="trace")
+    value, se = float(est.value), float(est.stderr)
+    assert 0 < se < 0.3 * value
+    assert abs(value - sum(ref[n].sum() for n in names)) < 5 * se
