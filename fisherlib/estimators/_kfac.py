@@ -24,6 +24,7 @@ from typing import Any
 from ..core import kronecker
 from ..core import layers as core_layers
 from ..core._compat import array_namespace, device
+from ..core._lib import widen
 from . import _products
 from ._estimate import probe_moments
 
@@ -222,7 +223,16 @@ class Accumulator:
             for role, a in core_layers.diag(layer, sum_probes=self.summed).items():
                 got[layer.leaves[role]] = a
         rest = [n for n in self.fallback if n not in got and (capture is None or n in _uncovered(capture, names))]
-        if rest:
+        if rest and not self.summed:
+            # Random probes: the batch's pulled-back probe, squared (fisher()'s default Hutchinson
+            # diagonal), from one more forward and backward of the whole model; no per-example
+            # vmap, which models with data-dependent control flow (HuggingFace masks) refuse.
+            _, vjp = be.linearize(model, params, inputs)
+            pulled = dict(be.leaves(vjp(ct)))
+            for n in rest:
+                g = widen(pulled[n], xp=xp)
+                got[n] = g * g
+        elif rest:
             P = sum(math.prod(s) for s in shapes)
             generic = _products._generic(be, model, params, inputs, ct, "diag", None, P, self.summed, chunk_size)
             for n in rest:

@@ -365,3 +365,44 @@ def test_jax_devices_reduce_kronecker_estimates(data):
         ref = fisherlib.fisher(f, params, xs, structure="kfac", first_batch=0, **kw)
         assert isinstance(got, KroneckerEstimate) and got.draws == ref.draws
         np.testing.assert_allclose(np.asarray(got.to_dense()), np.asarray(ref.to_dense()), rtol=1e-10, atol=1e-13)
+
+
+def test_leaves_used_twice_get_an_unbiased_batch_diagonal(data):
+    """A layer called twice is not a Kronecker block; with random probes its diagonal is the batch's
+    pulled-back probe squared (no per-example vmap), unbiased within five standard errors."""
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = torch.nn.Linear(D, D), torch.nn.Linear(D, C)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+    torch.manual_seed(5)
+    net = Twice().double()
+    X = torch.as_tensor(data[0])
+    with pytest.warns(KroneckerFallbackWarning, match="inner.weight"):
+        est = fisherlib.fisher(net, None, [X] * 8, structure="kfac", probes=16, seed=2)
+    exact = fisherlib.fisher(net, None, [X] * 8, method="exact")
+    assert est.fallback == ["inner.weight", "inner.bias"] and [b.name for b in est.blocks] == ["head"]
+    for n in est.fallback:
+        assert np.all(np.abs(_np(est.value[n]) - _np(exact.value[n])) <= 5 * _np(est.stderr[n]) + 1e-12), n
+
+
+def test_a_huggingface_gpt2_runs_with_its_conv1d_layers_as_blocks():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=8,
+                                  bos_token_id=0, eos_token_id=0)
+    m = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(1, 50, (2, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones(2, 6, dtype=torch.long), "labels": ids}
+    with pytest.warns(KroneckerFallbackWarning, match="transformer.wte.weight"):  # tied with the head
+        est = fisherlib.fisher(m, None, [batch], structure="kfac", probes=2)
+    blocks = {b.name: b for b in est.blocks}
+    assert blocks["transformer.h.0.attn.c_attn"].layout == "io" and blocks["transformer.wpe"].kind == "embedding"
+    assert est.n_outputs == 12
+    v = {n: torch.ones_like(p) for n, p in m.named_parameters()}
+    out = est.solve(v, 1e-3)
+    assert all(torch.isfinite(t).all() and t.shape == v[n].shape for n, t in out.items())
