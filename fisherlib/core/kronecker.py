@@ -81,28 +81,39 @@ def with_bias(x: Array) -> Array:
     return xp.concat([x, ones], axis=-1)
 
 
-def input_factor(x: Array, *, setting: str = "expand", weights: Array | None = None) -> tuple[Array, Array]:
+def input_factor(x: Array, *, setting: str = "expand", weights: Array | None = None,
+                 bias: bool = False) -> tuple[Array, Array]:
     """The input factor's sum Σ x̃ x̃ᵀ per group (G, I, I) and what it is divided by.
 
     Parameters
     ----------
     x : array (N, S, G, I)
-        A dense layer's inputs (with the bias column already appended, :func:`with_bias`).
+        A dense layer's inputs, with the bias column already appended (:func:`with_bias`) or
+        without it and ``bias=True``.
     setting : {"expand", "reduce"}
         Sum over every (input, position), or over inputs of their mean over positions.
     weights : array (N, S), optional
         1 for the positions that count (an output mask), 0 for the others.
+    bias : bool
+        Append the constant input 1 here. With more rows (N·S) than inputs (expand) the bias
+        row and column of A come from the sums of x, without copying x: a convolution's
+        patches are the largest array K-FAC touches (the same numbers up to rounding).
 
     Returns
     -------
     (A_sum, count)
-        A = A_sum / count; count is an array of shape (1,): N·S (expand) or N (reduce), or the
-        counted positions (inputs) under ``weights``.
+        A = A_sum / count (I + 1 square with ``bias``); count is an array of shape (1,): N·S
+        (expand) or N (reduce), or the counted positions (inputs) under ``weights``.
     """
     _check_setting(setting)
     xp = array_namespace(x)
     x = widen(x, xp=xp)
     N, S, G, I = x.shape
+    if bias and setting == "expand" and N * S > I + 1:
+        return _input_factor_with_bias(x, weights, xp=xp)
+    if bias:
+        x = with_bias(x)
+        I = I + 1
     if setting == "expand":
         if weights is not None:
             w = xp.astype(weights, x.dtype)
@@ -122,6 +133,24 @@ def input_factor(x: Array, *, setting: str = "expand", weights: Array | None = N
             count = xp.asarray(float(N), dtype=x.dtype, device=device(x))
         rows = xp.permute_dims(mean, (1, 0, 2))  # (G, N, I)
     A = xp.matmul(xp.matrix_transpose(rows), rows)
+    return A, xp.reshape(count, (1,))
+
+
+def _input_factor_with_bias(x: Array, weights: Array | None, *, xp) -> tuple[Array, Array]:
+    """Expand's Σ x̃ x̃ᵀ with x̃ = [x; 1] from x alone: [[Σ x xᵀ, Σ x], [Σ xᵀ, Σ 1]] (weighted by ``weights``)."""
+    N, S, G, I = x.shape
+    ones = xp.ones((N, S), dtype=x.dtype, device=device(x))
+    w = ones if weights is None else xp.astype(weights, x.dtype)
+    root = xp.sqrt(w)
+    if weights is not None:
+        x = x * root[:, :, None, None]
+    rows = xp.reshape(xp.permute_dims(x, (2, 0, 1, 3)), (G, N * S, I))
+    col = xp.broadcast_to(xp.reshape(root, (1, N * S, 1)), (G, N * S, 1))
+    xx = xp.matmul(xp.matrix_transpose(rows), rows)  # (G, I, I)
+    xs = xp.matmul(xp.matrix_transpose(rows), col)  # (G, I, 1): Σ √w x = Σ w x over the unweighted x
+    count = xp.sum(w)
+    corner = xp.broadcast_to(xp.reshape(count, (1, 1, 1)), (G, 1, 1))
+    A = xp.concat([xp.concat([xx, xs], axis=-1), xp.concat([xp.matrix_transpose(xs), corner], axis=-1)], axis=-2)
     return A, xp.reshape(count, (1,))
 
 
@@ -168,8 +197,15 @@ def gradient_factor(g: Array, *, setting: str = "expand", sum_probes: bool = Fal
     if setting == "reduce":
         g = xp.sum(g, axis=2, keepdims=True)
         S = 1
-    rows = xp.reshape(xp.permute_dims(g, (0, 3, 1, 2, 4)), (V, G, N * S, O))
-    out = xp.matmul(xp.matrix_transpose(rows), rows)
+    if S > O:
+        # More positions than outputs (a convolution's): Σ_s g gᵀ per input, then Σ_n, which
+        # reads g in the layout a convolution's cotangent has (positions last) instead of
+        # copying it into (N·S, O) rows; the per-input terms hold N·O² < N·S·O numbers.
+        per = xp.permute_dims(g, (0, 3, 1, 4, 2))  # (V, G, N, O, S)
+        out = xp.sum(xp.matmul(per, xp.matrix_transpose(per)), axis=2)
+    else:
+        rows = xp.reshape(xp.permute_dims(g, (0, 3, 1, 2, 4)), (V, G, N * S, O))
+        out = xp.matmul(xp.matrix_transpose(rows), rows)
     return xp.sum(out, axis=0, keepdims=True) if sum_probes else out
 
 

@@ -121,6 +121,30 @@ def test_factors_from_inputs_and_cotangents(xp, setting):
     np.testing.assert_allclose(to_numpy(summed), refG.sum(0, keepdims=True), rtol=1e-12)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("S", [1, 9])
+def test_factors_without_copying_the_inputs(xp, S, weighted):
+    """bias=True (A's bias row and column from sums, when N·S > Ĩ) and positions > outputs
+    (G summed per input) give the factors of the plain path; both paths run (S = 1 and 9)."""
+    rng = np.random.default_rng(4)
+    N, G, I, O, V = 3, 2, 3, 4, 2
+    x, g = rng.normal(size=(N, S, G, I)), rng.normal(size=(V, N, S, G, O))
+    w = (rng.uniform(size=(N, S)) > 0.3).astype(float) if weighted else None
+    ww = np.ones((N, S)) if w is None else w
+    xt = np.concatenate([x, np.ones((N, S, G, 1))], axis=-1)
+    for setting in kronecker.SETTINGS:
+        A, count = kronecker.input_factor(to_xp(x, xp), setting=setting, bias=True,
+                                          weights=None if w is None else to_xp(w, xp))
+        plain, plain_count = kronecker.input_factor(kronecker.with_bias(to_xp(x, xp)), setting=setting,
+                                                    weights=None if w is None else to_xp(w, xp))
+        np.testing.assert_allclose(to_numpy(A), to_numpy(plain), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(to_numpy(count), to_numpy(plain_count))
+        if setting == "expand":
+            np.testing.assert_allclose(to_numpy(A), np.einsum("ns,nsgi,nsgj->gij", ww, xt, xt), rtol=1e-12)
+    Gf = kronecker.gradient_factor(to_xp(g, xp), setting="expand")
+    np.testing.assert_allclose(to_numpy(Gf), np.einsum("vnsgo,vnsgp->vgop", g, g), rtol=1e-12)
+
+
 def test_embedding_input_factor_counts_rows(xp):
     idx = np.array([[0, 2, 2, 1], [3, 3, 0, 2]])
     w = np.array([[1, 1, 0, 1], [1, 1, 1, 0]], dtype=float)
