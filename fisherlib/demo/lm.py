@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["SIZES", "gpt2", "lm_batches", "lm_loss", "random_ids", "text", "token_ids"]
+__all__ = ["SIZES", "gpt2", "lm_batches", "lm_loss", "random_ids", "text", "token_ids", "windows"]
 
 # GPT-2 small as published (Radford et al. 2019): n_layer, n_embd, n_head, vocab, context.
 SIZES = {
@@ -154,6 +154,33 @@ def lm_batches(ids: np.ndarray, n: int, length: int, *, batches: int | None = No
         y[:, -1] = -100
         yield {"input_ids": x.to(device), "labels": y.to(device)}
         b += 1
+
+
+def windows(ids: np.ndarray, length: int):
+    """A ``torch.utils.data.Dataset`` of consecutive ``length``-token windows of ``ids``.
+
+    Item i is ``{"input_ids": (length,), "labels": (length,)}`` as in :func:`lm_batches`
+    (labels shifted by one, the last -100), so that a ``DataLoader`` over it streams the
+    batches fisher() takes (``fisher(model, None, loader, progress=True)`` shows tokens/s).
+    """
+    import torch
+
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    count = (ids.shape[0] - 1) // length
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self):
+            return count
+
+        def __getitem__(self, i):
+            if not 0 <= i < count:
+                raise IndexError(i)
+            w = ids[i * length:(i + 1) * length + 1]
+            y = w[1:].clone()
+            y[-1] = -100
+            return {"input_ids": w[:-1], "labels": y}
+
+    return Windows()
 
 
 def lm_loss(logits, labels):

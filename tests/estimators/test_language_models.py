@@ -165,3 +165,118 @@ def test_exact_and_per_example_methods_on_the_last_block_and_head():
     value, se = float(est.value), float(est.stderr)
     assert 0 < se < 0.3 * value
     assert abs(value - sum(ref[n].sum() for n in names)) < 5 * se
+
+
+# ------------------------------------------------------------------------------ integrations
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 0.03), (torch.float16, 0.005)])
+def test_reduced_precision_weights_accumulate_in_float32(dtype, tol):
+    batch = _batch(n=2, length=6)
+    ref = fisherlib.fisher(_model(dtype=torch.float64), None, [batch], probes=4, seed=2)
+    low = fisherlib.fisher(_model(dtype=dtype), None, [batch], probes=4, seed=2)
+    assert all(v.dtype == torch.float32 for v in low.value.values())
+    assert all(v.dtype == torch.float32 for v in low.stderr.values())
+    assert _rel(_flat(low), _flat(ref)) < tol  # the same probes (seeded signs), rounding apart
+    worse = fisherlib.fisher(_model(dtype=torch.float64), None, [batch], probes=4, seed=3)
+    assert _rel(_flat(worse), _flat(ref)) > 5 * tol  # another draw is far: the check can fail
+    model64, modellow = _model(dtype=torch.float64, tie=False), _model(dtype=dtype, tie=False)
+    e64 = fisherlib.fisher(model64, {"lm_head.weight": model64.lm_head.weight}, [batch], method="exact")
+    elow = fisherlib.fisher(modellow, {"lm_head.weight": modellow.lm_head.weight}, [batch], method="exact")
+    assert elow.value["lm_head.weight"].dtype == torch.float32
+    assert _rel(_flat(elow), _flat(e64)) < tol
+
+
+def test_autocast_forward_accumulates_in_float32():
+    batch = _batch(n=2, length=6)
+    ref = fisherlib.fisher(_model(dtype=torch.float64), None, [batch], probes=4, seed=2)
+    model = _model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        est = fisherlib.fisher(model, None, [batch], probes=4, seed=2)
+        mc = fisherlib.fisher(model, None, [batch], method="mc", probes=2, seed=2)
+    assert all(v.dtype == torch.float32 for v in est.value.values())
+    assert _rel(_flat(est), _flat(ref)) < 0.03  # measured 0.004; another draw: 0.95
+    assert np.isfinite(_flat(mc)).all() and _flat(mc).sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_fisher():
+    batch = _batch(n=2, length=6)
+    model = _model(tie=False)
+    sub = {n: p for n, p in model.named_parameters() if n.startswith(("transformer.h.1.", "lm_head."))}
+    plain = [fisherlib.fisher(model, None, [batch], probes=2, seed=1),
+             fisherlib.fisher(model, None, [batch], method="mc", seed=1),
+             fisherlib.fisher(model, sub, [batch], method="exact")]
+    model.gradient_checkpointing_enable()
+    model.train()  # HuggingFace checkpoints in training mode only; dropout is 0
+    assert model.transformer.gradient_checkpointing
+    ckpt = [fisherlib.fisher(model, None, [batch], probes=2, seed=1),
+            fisherlib.fisher(model, None, [batch], method="mc", seed=1),
+            fisherlib.fisher(model, sub, [batch], method="exact")]
+    for a, b in zip(ckpt, plain):
+        np.testing.assert_allclose(_flat(a), _flat(b), rtol=1e-5, atol=1e-7 * np.abs(_flat(b)).max())
+
+
+def test_sdpa_and_eager_attention_give_the_same_fisher():
+    batch = _batch(n=2, length=6)
+    sdpa, eager = (_model(attn=a, tie=False, dtype=torch.float64) for a in ("sdpa", "eager"))
+    assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+    for kw in (dict(probes=2, seed=1), dict(method="mc", seed=1)):
+        np.testing.assert_allclose(_flat(fisherlib.fisher(sdpa, None, [batch], **kw)),
+                                   _flat(fisherlib.fisher(eager, None, [batch], **kw)), rtol=1e-9, atol=1e-15)
+    subs = [{n: p for n, p in m.named_parameters() if n.startswith("transformer.h.1.attn.")} for m in (sdpa, eager)]
+    a, b = (fisherlib.fisher(m, s, [batch], method="exact") for m, s in zip((sdpa, eager), subs))
+    np.testing.assert_allclose(_flat(a), _flat(b), rtol=1e-9, atol=1e-14 * _flat(b).max())
+
+
+def test_tied_embedding_counts_both_uses():
+    model, batch = _model(dtype=torch.float64), _batch(n=2, length=4)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    wte = {"transformer.wte.weight": model.transformer.wte.weight}
+    weights = (batch["labels"] != -100).double().numpy()
+    ref = diag_tree(*token_fisher(model, {"input_ids": batch["input_ids"]}, weights, params=wte, full=False))
+    est = as_numpy(fisherlib.fisher(model, wte, [batch], method="exact").value)
+    r = ref["transformer.wte.weight"]
+    np.testing.assert_allclose(est["transformer.wte.weight"], r, rtol=1e-8, atol=1e-12 * r.max())
+    # the output projection alone (an untied copy) misses the input embedding's share
+    untied = _model(dtype=torch.float64, tie=False)
+    untied.load_state_dict(model.state_dict())
+    head = as_numpy(fisherlib.fisher(untied, {"lm_head.weight": untied.lm_head.weight}, [batch],
+                                     method="exact").value)["lm_head.weight"]
+    used = np.unique(batch["input_ids"].numpy())  # rows that also feed the input embedding
+    assert np.abs(head[used] - r[used]).max() > 1e-3 * r.max()
+
+
+def test_lora_adapter_fisher_from_layer_io():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_model(dtype=torch.float64), peft.LoraConfig(
+        r=2, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0, init_lora_weights=False))
+    batch = _batch(n=2, length=4)
+    inputs = {"input_ids": batch["input_ids"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    _, capture = fisherlib.backends.get("torch").layer_io(model, None, inputs)
+    assert capture.uncovered == [] and len(capture.calls) == len(trainable)  # lora_A, lora_B: dense layers
+    est = fisherlib.fisher(model, None, [batch], method="exact")
+    assert sorted(est.value) == sorted(trainable)  # the adapter's parameters only
+    weights = (batch["labels"] != -100).double().numpy()
+    ref = diag_tree(*token_fisher(model, inputs, weights, params=trainable, full=False))
+    for n, r in ref.items():
+        np.testing.assert_allclose(as_numpy(est.value)[n], r, rtol=1e-8, atol=1e-12 * r.max())
+    probe = fisherlib.fisher(model, None, [batch], probes=256, seed=0, structure="trace")
+    assert abs(float(probe.value) - sum(r.sum() for r in ref.values())) < 5 * float(probe.stderr)
+
+
+def test_streaming_over_a_dataloader_with_tokens_per_second(capsys):
+    pytest.importorskip("tqdm")
+    model = _model()
+    ids = lm.random_ids(4 * 3 * 6 + 1, V, seed=4)
+    loader = torch.utils.data.DataLoader(lm.windows(ids, 6), batch_size=3)
+    est = fisherlib.fisher(model, None, loader, probes=2, seed=5, progress=True)
+    assert est.n_inputs == 12 and est.n_outputs == 12 * 5
+    assert "tokens_per_s" in capsys.readouterr().err
+    listed = fisherlib.fisher(model, None, list(lm.lm_batches(ids, 3, 6)), probes=2, seed=5)
+    np.testing.assert_allclose(_flat(est), _flat(listed), rtol=1e-6)
