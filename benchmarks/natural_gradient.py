@@ -170,8 +170,10 @@ GRIDS = {
     "fisherlib ollivier r=10 rel": [(0.03, 0.1), (0.1, 0.1), (0.03, 1.0), (0.1, 1.0)],
     # The docs' recommended setting as it stood (absolute λ), untuned.
     "fisherlib ollivier r=10 docs": [(0.03, 1e-3)],
-    # NaturalGradient(model) with every default, untuned.
+    # NaturalGradient(model) with every default, untuned; and the defaults before issue 23 (diag,
+    # refresh=1, λ = 10⁻³, kl_clip = 10⁻³).
     "fisherlib default": [(None, None)],
+    "fisherlib diag kl=0.001 @0.1/0.001": [(0.1, 1e-3)],
     # K-FAC's λ splits as √λ·π and √λ/π over its two factors: a wider range of it.
     "K-FAC (nngeometry)": [(0.03, 1e-3), (0.03, 1e-2), (0.1, 1e-2), (0.1, 1e-1)],
     # fisherlib's K-FAC: factors from one Hutchinson probe (true Fisher) per refresh, their EMA,
@@ -211,7 +213,8 @@ def run(method, kind, setting, seed, steps, eval_every, split):
     elif method.startswith("fisherlib"):
         _, kind_, *rest = method.split()
         refresh = next((int(r.removeprefix("r=")) for r in rest if r.startswith("r=")), 1)
-        opt = NaturalGradient(net, lr=lr, preconditioner=kind_, damping=lam, kl_clip=1e-2, refresh=refresh, seed=seed,
+        kl = next((float(r.removeprefix("kl=")) for r in rest if r.startswith("kl=")), 1e-2)
+        opt = NaturalGradient(net, lr=lr, preconditioner=kind_, damping=lam, kl_clip=kl, refresh=refresh, seed=seed,
                               relative_damping="rel" in rest)
     else:
         opt = KFAC(net, lr, lam)

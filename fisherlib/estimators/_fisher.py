@@ -19,6 +19,7 @@ from . import _blocks, _kfac, _outputs, _products
 from ._batches import batches as _batches
 from ._estimate import DETERMINISTIC, FisherEstimate, probe_moments, stderr_kind
 from ._kronecker import KroneckerEstimate
+from ._running import ONE_LOGIT, warn_if_probabilities
 from ._seeds import derive
 
 Array = Any
@@ -259,7 +260,7 @@ def fisher(
             parts = kron.parts  # marks the first batch done
             n_inputs += n
             n_outputs += _outputs.count(m, shape)
-            bar.inputs(n_inputs, n_outputs)
+            bar.inputs(n_inputs)
             continue
         if opts["per_example"]:
             contrib = _products.per_example(
@@ -281,7 +282,7 @@ def fisher(
         parts = contrib if parts is None else _add(parts, contrib, inplace=not opts["per_example"])
         n_inputs += n
         n_outputs += _outputs.count(m, shape)
-        bar.inputs(n_inputs, n_outputs)
+        bar.inputs(n_inputs)
     if kron is not None:
         return _kronecker_estimate(kron, opts, structure, be, template, names, shapes, n_inputs, n_outputs,
                                    done, reduction)
@@ -468,7 +469,7 @@ def _integer(name: str, value: Any, least: int) -> int:
 
 
 class _Progress:
-    """Iterate batches, with a tqdm bar showing inputs (and tokens) per second when asked for."""
+    """Iterate batches, with a tqdm bar showing inputs per second when asked for."""
 
     def __init__(self, it, show: bool):
         self.bar = None
@@ -484,14 +485,9 @@ class _Progress:
     def __iter__(self):
         return iter(self.it)
 
-    def inputs(self, n: int, outputs: int | None = None) -> None:
-        """Show inputs per second, and counted outputs (tokens) per second when they differ."""
+    def inputs(self, n: int) -> None:
         if self.bar is not None:
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            rates = {"inputs_per_s": f"{n / dt:.0f}"}
-            if outputs is not None and outputs != n:  # positions: a language model's tokens
-                rates["tokens_per_s"] = f"{outputs / dt:.0f}"
-            self.bar.set_postfix(**rates)
+            self.bar.set_postfix(inputs_per_s=f"{n / max(time.perf_counter() - self.t0, 1e-9):.0f}")
 
 
 def _check_logits(logits, b, likelihood):
@@ -505,10 +501,14 @@ def _check_logits(logits, b, likelihood):
         raise TypeError(f"batches: batch {b} gave logits of dtype {logits.dtype}; the model must "
                         "return real floating logits") from None
     z = xp.reshape(logits, (-1, C))
+    if C == 1 and likelihood == "softmax":
+        raise ValueError(f"batches: batch {b} gave logits of shape {tuple(logits.shape)}: {ONE_LOGIT}")
     if is_eager(z):
         problem = logits_problem(z, xp, softmax=likelihood == "softmax", finite=likelihood == "sigmoid")
         if problem is not None:
             raise ValueError(f"batches: batch {b} gave non-finite logits: {problem}")
+        if b == 0 and likelihood == "softmax":
+            warn_if_probabilities(z, f"batches: batch {b}")
     return z, C
 
 

@@ -42,7 +42,7 @@ from ._units import STRUCTURES, Layout, Unit, from_units, layout, to_units, unit
 
 Array = Any
 
-__all__ = ["Layout", "RunningFisher", "Unit", "fold", "from_units", "init_state", "layout", "probe_terms",
+__all__ = ["Layout", "LogitsWarning", "RunningFisher", "Unit", "fold", "from_units", "init_state", "layout", "probe_terms",
            "to_units", "units", "update_state"]
 
 def probe_terms(lay: Layout, grads: Sequence[Array], n: int) -> dict[str, Array]:
@@ -210,6 +210,12 @@ class RunningFisher:
     decay : float or None
         EMA decay β in [0, 1); ``None`` keeps a plain running mean over all steps.
     dist : {"rademacher", "gaussian"}
+    likelihood : {"softmax", "sigmoid"}
+        The outputs' distribution: a softmax over C ≥ 2 classes (``loss=None``: the mean
+        cross-entropy against class indices), or C independent Bernoulli outputs (a binary
+        classifier with one logit; ``loss=None``: the mean binary cross-entropy over the N·C
+        outputs against 0/1 targets shaped like the logits, as torch's
+        ``binary_cross_entropy_with_logits``). One logit under "softmax" is an error (its Fisher is 0).
     seed : int
         Step t draws its probes from a seed derived from (seed, t).
     backend
@@ -256,9 +262,11 @@ class RunningFisher:
             raise ValueError(f"decay: expected a number in [0, 1) or None, got {decay!r}")
         if dist not in ("rademacher", "gaussian"):
             raise ValueError(f"dist: expected 'rademacher' or 'gaussian', got {dist!r}")
-        if likelihood != "softmax":
-            raise ValueError(f"likelihood: only 'softmax' (cross-entropy training) is supported, got {likelihood!r}")
+        if likelihood not in ("softmax", "sigmoid"):
+            raise ValueError(f"likelihood: expected 'softmax' (cross-entropy training) or 'sigmoid' (binary "
+                             f"cross-entropy), got {likelihood!r}")
         self.structure, self.probes, self.decay, self.dist, self.seed = structure, probes, decay, dist, seed
+        self.likelihood = likelihood
         if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
             raise ValueError(f"ignore_index: expected an integer or None, got {ignore_index!r}")
         self.backend, self.keep_stderr, self.ignore_index = backend, bool(stderr), ignore_index
@@ -278,28 +286,36 @@ class RunningFisher:
         (a plain training step through the same path).
         """
         be = self._backend(params if params is not None else inputs)
+        sigmoid = self.likelihood == "sigmoid"
         if loss is None:  # the step's own forward: batch-norm statistics update where the adapter can
             logits, vjp = (getattr(be, "train_linearize", None) or be.linearize)(model, params, inputs)
-            z = _flat(logits)
-            y, keep, counted = _labels(targets, z, self.ignore_index, tuple(logits.shape[:-1]))
+            z = self._check(logits)
+            if sigmoid:
+                y, keep, counted = _binary_targets(targets, z, tuple(logits.shape)), None, z.shape[0]
+            else:
+                y, keep, counted = _labels(targets, z, self.ignore_index, tuple(logits.shape[:-1]))
         else:
             lin = getattr(be, "loss_linearize", None)
             if lin is None:
                 raise TypeError(f"loss: a framework loss needs the backend's loss_linearize capability, "
                                 f"which {be!r} lacks; pass loss=None (cross-entropy)")
             logits, value, ct_loss, vjp = lin(model, params, inputs, loss, targets)
-            z = _flat(logits)
+            z = self._check(logits)
             ct_loss = _flat(ct_loss)
-            keep, counted = _framework_targets(targets, z, self.ignore_index, tuple(logits.shape[:-1]))
+            keep, counted = ((None, z.shape[0]) if sigmoid else
+                             _framework_targets(targets, z, self.ignore_index, tuple(logits.shape[:-1])))
         xp = array_namespace(z)
         N, C = z.shape
         K = self.probes if update else 0
         xi = (be.probes(_step_seed(self.seed, self.steps), (K, N, C), self.dist, like=z) if update
               else xp.zeros((0, N, C), dtype=z.dtype, device=device(z)))
-        if loss is None:  # loss and probe cotangents from one softmax
+        if loss is None and sigmoid:
+            value, ct_loss, hut = self._fn(be, "train-sigmoid", _sigmoid_training_cotangents)(z, y, xi)
+        elif loss is None:  # loss and probe cotangents from one softmax
             value, ct_loss, hut = self._fn(be, "train", cotangents.training_cotangents)(z, y, xi, keep)
         elif update:
-            hut = self._fn(be, "probe", cotangents.hutchinson)(z, xi)
+            hut = self._fn(be, f"probe-{self.likelihood}",
+                           lambda z, xi: cotangents.hutchinson(z, xi, self.likelihood))(z, xi)
             if keep is not None:
                 hut *= xp.astype(keep, hut.dtype)[:, None]
         if not update:
@@ -322,6 +338,17 @@ class RunningFisher:
             probes = {"rows": [[g for _, g in be.leaves(t)] for t in pulled[1:]]}
         self._fold([name for name, _ in named], N, be, owned=getattr(be, "vjp_fresh", False), scaled=eager, **probes)
         return value, grads
+
+    def _check(self, logits):
+        """The logits flattened to (N, C): one logit under softmax is an error naming
+        likelihood='sigmoid'; on the first step, outputs that look like probabilities warn."""
+        z = _flat(logits)
+        if self.likelihood == "softmax":
+            if z.shape[-1] == 1:
+                raise ValueError(f"logits: shape {tuple(logits.shape)}: {ONE_LOGIT}")
+            if self.state is None:
+                warn_if_probabilities(z, "logits")
+        return z
 
     def _fn(self, be, key, fn):
         """``fn``, compiled once by the adapter when it offers ``compile`` (JAX: ``jax.jit``)."""
@@ -461,6 +488,33 @@ def _flat(logits):
     return xp.reshape(logits, (-1, logits.shape[-1]))
 
 
+ONE_LOGIT = ("a model with one logit under likelihood='softmax' has a Fisher that is identically zero (the "
+             "softmax of one logit is 1 whatever its value). For a binary classifier trained with BCE, or a "
+             "model with one output per input, pass likelihood='sigmoid' (Bernoulli outputs), or give the "
+             "model two logits")
+
+
+class LogitsWarning(UserWarning):
+    """The model's outputs do not look like logits (e.g. probabilities already softmaxed)."""
+
+
+def warn_if_probabilities(z: Array, where: str) -> None:
+    """Warn when eager logits ``z`` (N, C), C ≥ 2, look like probabilities: every entry in [0, 1]
+    and every row summing to 1 (to 10⁻⁴ of C). One device sync; callers run it on a first batch."""
+    xp = array_namespace(z)
+    if z.shape[-1] < 2 or z.shape[0] == 0 or not is_eager(z):
+        return
+    rows = xp.sum(z, axis=-1)
+    tol = 1e-4 * z.shape[-1]
+    if bool(xp.all((z >= 0) & (z <= 1)) & xp.all(xp.abs(rows - 1) <= tol)):
+        import warnings
+
+        warnings.warn(f"{where}: every row of the model's outputs lies in [0, 1] and sums to 1: they look like "
+                      "probabilities, but fisherlib takes them as logits and applies a softmax. Return the "
+                      "logits (the outputs before the softmax); for independent 0/1 outputs use "
+                      "likelihood='sigmoid' with their logits", LogitsWarning, stacklevel=3)
+
+
 NO_TARGETS = ("targets: got None; the default loss (mean cross-entropy) needs class indices. A HuggingFace "
               "batch carries them as batch['labels']: pass them as targets (a causal LM shifts them by one "
               "position inside the model; shift them the same way), or pass loss=fn")
@@ -503,6 +557,41 @@ def _labels(targets, z, ignore_index, lead=None):
     if counted == N:
         return targets, None, N
     return xp.where(keep, targets, xp.zeros_like(targets)), keep, counted
+
+
+def _binary_targets(targets, z, shape):
+    """0/1 targets of the sigmoid likelihood as z's dtype (N, C), from an array shaped like the
+    logits ``shape`` or like z, or (N,) for one output per input."""
+    xp = array_namespace(z)
+    if targets is None:
+        raise ValueError("targets: got None; likelihood='sigmoid' needs 0/1 targets shaped like the logits")
+    if type(targets) is not type(z):
+        import numpy as np
+
+        targets = xp.asarray(np.asarray(targets), device=device(z))
+    N, C = z.shape
+    got = tuple(targets.shape)
+    if got not in (tuple(shape), (N, C)) and not (C == 1 and got == (N,)) and not (
+            got == tuple(shape[:-1]) and C == 1):
+        raise ValueError(f"targets: likelihood='sigmoid' expects 0/1 targets shaped like the logits {tuple(shape)}"
+                         f"{' or (N,)' if C == 1 else ''}, got {got}")
+    y = xp.reshape(xp.astype(targets, z.dtype), (N, C))
+    if is_eager(y) and not bool(xp.all((y >= 0) & (y <= 1))):
+        raise ValueError("targets: likelihood='sigmoid' expects targets in [0, 1] (labels or probabilities)")
+    return y
+
+
+def _sigmoid_training_cotangents(z, y, xi):
+    """(mean binary cross-entropy over the N·C outputs, its cotangent (σ(z) − y)/(N·C), the
+    Hutchinson cotangents √(σ'(z)) ⊙ ξ (K, N, C)), as torch's ``binary_cross_entropy_with_logits``
+    averages."""
+    from ..core._lib import log_sigmoid
+
+    xp = array_namespace(z)
+    N, C = z.shape
+    loss = -xp.sum(y * log_sigmoid(z, xp=xp) + (1 - y) * log_sigmoid(-z, xp=xp)) / (N * C)
+    ct = -cotangents.label_residual(z, y, "sigmoid") / (N * C)
+    return loss, ct, cotangents.hutchinson(z, xi, "sigmoid")
 
 
 def _counts(bad, keep, N) -> tuple[int, int]:

@@ -64,7 +64,18 @@ def _cho_solve(L, v):
 _CHOLESKY = (jnp.linalg.cholesky, _cho_solve)
 
 
-def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "diag", damping: float = 1e-3,
+def scaled_step(grads: Any, d: Any, lr: Any, kl_clip: float | None, momentum: float, mom: Any) -> tuple[Any, Any]:
+    """(−η·d, momentum): η scaled by min(1, √(κ / (η² gᵀd))) (K-FAC's KL clip), then heavy-ball momentum."""
+    if kl_clip is not None:
+        gd = sum(jnp.vdot(g, x) for g, x in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(d)))
+        lr = lr * jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.maximum(lr * lr * gd, 1e-30)))
+    if momentum:
+        mom = jax.tree_util.tree_map(lambda m, x: momentum * m + x, mom, d)
+        d = mom
+    return jax.tree_util.tree_map(lambda x: -lr * x, d), mom
+
+
+def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "ollivier", damping: float = 1e-2,
                      decay: float | None = 0.95, momentum: float = 0.0, kl_clip: float | None = 1e-2,
                      unit_solve: str = "auto", pinv: bool = False,
                      kfac: Any = None) -> optax.GradientTransformationExtraArgs:
@@ -80,7 +91,9 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
         η, or an optax schedule of the step count (e.g. set from λ_max with
         :func:`~fisherlib.natural.lr_from_lambda_max`).
     preconditioner, damping, unit_solve, pinv
-        See :func:`~fisherlib.natural.precondition`. ``preconditioner="kfac"``: Kronecker
+        See :func:`~fisherlib.natural.precondition`; the defaults (Ollivier's step, λ = 10⁻²)
+        are :class:`~fisherlib.natural.NaturalGradient`'s. Probe every 10 steps, as its
+        ``refresh=10`` does (``probes=0`` in between). ``preconditioner="kfac"``: Kronecker
         factors instead of the running estimate (:func:`kfac_natural_gradient`, docs/kfac.md):
         pass a first ``kfac=fisher(f, params, batch, structure="kfac", reduction="mean")`` and,
         at each refresh, ``update(..., kfac=<the refresh batch's estimate>)``.
@@ -148,15 +161,7 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
             factors = state.factors
             pre = _factorise(lay, fisher).with_arrays(factors)
         d = be.unflatten(updates, pre.apply([x for _, x in be.leaves(updates)]))
-        lr = lr_fn(state.count)
-        if kl_clip is not None:
-            gd = sum(jnp.vdot(g, x) for g, x in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(d)))
-            lr = lr * jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.maximum(lr * lr * gd, 1e-30)))
-        mom = state.momentum
-        if momentum:
-            mom = jax.tree_util.tree_map(lambda m, x: momentum * m + x, mom, d)
-            d = mom
-        out = jax.tree_util.tree_map(lambda x: -lr * x, d)
+        out, mom = scaled_step(updates, d, lr_fn(state.count), kl_clip, momentum, state.momentum)
         return out, NaturalGradientState(state.count + 1, fisher, mom, factors)
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -412,3 +412,56 @@ def test_none_targets_get_a_clear_error():
     model, params, x, _ = _setup()
     with pytest.raises(ValueError, match=r"targets: got None.*labels"):
         RunningFisher("diag").step(model, params, x, None)
+
+
+def test_one_logit_under_softmax_names_the_sigmoid_likelihood_and_probabilities_warn():
+    """A one-logit model's softmax Fisher is identically 0: fisher() and RunningFisher refuse it,
+    naming likelihood='sigmoid'; outputs that are already probabilities warn (first batch)."""
+    torch = pytest.importorskip("torch")
+    from fisherlib.estimators._running import LogitsWarning
+
+    torch.manual_seed(0)
+    binary = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).double()
+    x = torch.randn(12, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="likelihood='sigmoid'"):
+        fisherlib.fisher(binary, None, x, probes=1)
+    with pytest.raises(ValueError, match="likelihood='sigmoid'"):
+        RunningFisher("diag").step(binary, None, x, torch.zeros(12, dtype=torch.long))
+    fisherlib.fisher(binary, None, x, probes=1, likelihood="sigmoid")  # the way out works
+    probs = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=-1)).double()
+    with pytest.warns(LogitsWarning, match="probabilities"):
+        fisherlib.fisher(probs, None, x, probes=1)
+    with pytest.warns(LogitsWarning, match="probabilities"):
+        RunningFisher("diag").step(probs, None, x, torch.zeros(12, dtype=torch.long))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LogitsWarning)
+        fisherlib.fisher(probs[0], None, x, probes=1)  # real logits: no warning
+
+
+def test_sigmoid_running_fisher_is_unbiased_for_the_exact_one():
+    """RunningFisher(likelihood='sigmoid') of a one-logit classifier: the loss and its gradient
+    are torch's mean binary cross-entropy, and the running mean of the terms (θ fixed) is within
+    4 standard errors of the exact sigmoid Fisher diagonal (per-input mean)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).double()
+    x = torch.randn(24, 4, dtype=torch.float64)
+    y = (x[:, 0] > 0).double()
+    rf = RunningFisher("diag", probes=4, decay=None, likelihood="sigmoid")
+    for _ in range(60):
+        value, grads = rf.step(net, None, x, y)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(net(x)[:, 0], y)
+    assert abs(float(value) - want.item()) < 1e-12
+    auto = torch.autograd.grad(want, list(net.parameters()))
+    for (n, _), g in zip(net.named_parameters(), auto):
+        torch.testing.assert_close(grads[n], g, rtol=1e-10, atol=1e-14)
+    exact = fisherlib.fisher(net, None, x, method="exact", likelihood="sigmoid", reduction="mean")
+    for n, _ in net.named_parameters():
+        est, se = rf.value[f"diag:{n}"], rf.stderr[f"diag:{n}"]
+        assert float(se.max()) > 0
+        assert bool(((est - exact.value[n]).abs() <= 4 * se + 1e-12).all()), n
+    softmax_rf = RunningFisher("diag", probes=4, decay=None)  # a biased variant: the softmax cotangent of
+    with pytest.raises(ValueError, match="sigmoid"):           # one logit, refused rather than zero
+        softmax_rf.step(net, None, x, y.long())
