@@ -260,7 +260,7 @@ def fisher(
             parts = kron.parts  # marks the first batch done
             n_inputs += n
             n_outputs += _outputs.count(m, shape)
-            bar.inputs(n_inputs)
+            bar.inputs(n_inputs, n_outputs)
             continue
         if opts["per_example"]:
             contrib = _products.per_example(
@@ -282,7 +282,7 @@ def fisher(
         parts = contrib if parts is None else _add(parts, contrib, inplace=not opts["per_example"])
         n_inputs += n
         n_outputs += _outputs.count(m, shape)
-        bar.inputs(n_inputs)
+        bar.inputs(n_inputs, n_outputs)
     if kron is not None:
         return _kronecker_estimate(kron, opts, structure, be, template, names, shapes, n_inputs, n_outputs,
                                    done, reduction)
@@ -469,7 +469,7 @@ def _integer(name: str, value: Any, least: int) -> int:
 
 
 class _Progress:
-    """Iterate batches, with a tqdm bar showing inputs per second when asked for."""
+    """Iterate batches, with a tqdm bar showing inputs (and tokens) per second when asked for."""
 
     def __init__(self, it, show: bool):
         self.bar = None
@@ -485,9 +485,14 @@ class _Progress:
     def __iter__(self):
         return iter(self.it)
 
-    def inputs(self, n: int) -> None:
+    def inputs(self, n: int, outputs: int | None = None) -> None:
+        """Show inputs per second, and counted outputs (tokens) per second when they differ."""
         if self.bar is not None:
-            self.bar.set_postfix(inputs_per_s=f"{n / max(time.perf_counter() - self.t0, 1e-9):.0f}")
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            rates = {"inputs_per_s": f"{n / dt:.0f}"}
+            if outputs is not None and outputs != n:  # positions: a language model's tokens
+                rates["tokens_per_s"] = f"{outputs / dt:.0f}"
+            self.bar.set_postfix(**rates)
 
 
 def _check_logits(logits, b, likelihood):
