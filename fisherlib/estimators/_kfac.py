@@ -196,7 +196,8 @@ class Accumulator:
         if block.kind == "embedding":
             return kronecker.embedding_input_factor(layer.x, block.inputs, padding=block.padding, weights=w,
                                                     dtype=_dtype(layer.g, xp))
-        return kronecker.input_factor(_inputs_with_bias(block, layer.x, xp=xp), setting=self.setting, weights=w)
+        x = layer.x if "weight" in block.leaves else layer.x[..., :0]  # the bias column is appended there
+        return kronecker.input_factor(x, setting=self.setting, weights=w, bias="bias" in block.leaves)
 
     def _probe_terms(self, be, model, params, inputs, ct, capture, layers, mine, names, shapes, chunk_size):
         """G (and EK-FAC's S) per block, then the fallback leaves' diagonals, for one stack."""
