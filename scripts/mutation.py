@@ -176,6 +176,8 @@ MUTANTS += [
     ("JAX groups reuse the first group's indices", "fisherlib/distributed/_jax.py",
      "groups.append((xs, ys, [idx[k] for k in full[g:g + D]]))", "groups.append((xs, ys, [idx[k] for k in full[0:D]]))",
      DIST),
+    ("JAX groups ignore which batches fit", "fisherlib/distributed/_jax.py",
+     "chunk = [items[k] for k in full[g:g + D]]", "chunk = items[g:g + D]", DIST),
     ("JAX inputs counted once per group", "fisherlib/distributed/_jax.py",
      "n_inputs += skeleton[0].n_inputs * xs.shape[0]", "n_inputs += skeleton[0].n_inputs", DIST),
     # -- natural gradient: the optimizers' update rules (torch and optax)

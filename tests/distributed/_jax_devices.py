@@ -44,6 +44,12 @@ def main():
     many = fd.jax_fisher(model, params, batches + batches[:1], **kw)
     out["list"] = [gap(one, many), many.n_inputs, many.draws]
     out["n_outputs"] = [one.n_outputs, many.n_outputs]
+    # A short batch in the middle: the batches shaped like the first run D at a time in their
+    # order (indices 0-2 and 4-8), the short one (index 3) alone on the first device.
+    mixed = batches[:3] + [jnp.asarray(rng.normal(size=(3, 3)))] + batches[3:]
+    one = fisherlib.fisher(model, params, mixed, **kw)
+    many = fd.jax_fisher(model, params, mixed, **kw)
+    out["mixed"] = [gap(one, many), many.n_inputs, many.draws]
     # Stacked (B, N, D) inputs sharded over a mesh: each device scans its 2 batches.
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     shard = NamedSharding(mesh, PartitionSpec("batch"))

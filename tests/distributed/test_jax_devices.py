@@ -27,6 +27,8 @@ def test_four_devices_equal_one():
     gap, n_inputs, draws = out["list"]
     assert gap < 1e-12 and n_inputs == 9 * 4 and draws == [[2, 0, 9]]
     assert out["n_outputs"] == [9 * 4, 9 * 4]
+    gap, n_inputs, draws = out["mixed"]
+    assert gap < 1e-12 and n_inputs == 8 * 4 + 3 and draws == [[2, 0, 9]]
     for case in ("stacked", "labels"):
         gap, n_inputs, draws = out[case]
         assert gap < 1e-12 and n_inputs == 8 * 4 and draws == [[None, 0, 8]], case
