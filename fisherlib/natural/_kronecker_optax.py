@@ -17,6 +17,7 @@ import optax
 from .. import backends as _backends
 from ..core import kronecker
 from ..estimators._kronecker import KroneckerEstimate, _from_core, _to_core
+from ._optax import scaled_step
 
 __all__ = ["KFACState", "kfac_natural_gradient"]
 
@@ -104,15 +105,7 @@ def kfac_natural_gradient(learning_rate: float | Callable, kfac: KroneckerEstima
         for n, d in zip(fallback, diag):
             out[n] = leaves[n] / (d + damping)
         d = be.unflatten(updates, [out[n] for n in names])
-        lr = lr_fn(state.count)
-        if kl_clip is not None:
-            gd = sum(jnp.vdot(g, x) for g, x in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(d)))
-            lr = lr * jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.maximum(lr * lr * gd, 1e-30)))
-        mom = state.momentum
-        if momentum:
-            mom = jax.tree_util.tree_map(lambda m, x: momentum * m + x, mom, d)
-            d = mom
-        return (jax.tree_util.tree_map(lambda x: -lr * x, d),
-                KFACState(state.count + 1, A, G, diag, basis, mom))
+        step, mom = scaled_step(updates, d, lr_fn(state.count), kl_clip, momentum, state.momentum)
+        return step, KFACState(state.count + 1, A, G, diag, basis, mom)
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -13,20 +13,7 @@ torch = pytest.importorskip("torch")
 import fisherlib  # noqa: E402
 from fisherlib.natural import KroneckerCurvature, NaturalGradient  # noqa: E402
 
-N = 32
-
-
-def _net(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
-
-
-def _data(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, 6, generator=g, dtype=torch.float64)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    return x, y
-
+from .test_torch_optim import _data, _net  # noqa: E402
 
 def _kfac(net, x, y, step, **kw):
     return fisherlib.fisher(net, None, [(x, y)], structure="kfac", reduction="mean", seed=0, first_batch=step,
