@@ -10,8 +10,11 @@ cotangents), every recognised dense or embedding layer adds
   eigenbasis, from per-example gradients formed in that basis (:mod:`fisherlib.core.layers`).
 
 Leaves no Kronecker rule covers (normalisation scales and shifts, leaves used twice, layers
-whose factors would be too large) get their per-example diagonal instead, named in a
-:class:`KroneckerFallbackWarning`. The mathematics is in :mod:`fisherlib.core.kronecker`.
+whose factors would be too large) get their diagonal instead, named in a
+:class:`KroneckerFallbackWarning`: per example from the layer rules where a layer owns them;
+for leaves no rule owns, the batch's pulled-back probe squared under random probes (one more
+forward and backward) and per-example VJPs under exact and empirical columns. The
+mathematics is in :mod:`fisherlib.core.kronecker`.
 """
 
 from __future__ import annotations
