@@ -146,3 +146,13 @@ def test_bad_input(tmp_path):
     exact = fisherlib.fisher(_net(), None, [_x()], structure="blocks", method="exact")
     with pytest.raises(ValueError, match="only a diagonal estimate"):
         fst.check_against(exact, _net())
+
+
+def test_integrations_import_their_libraries_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, fisherlib, fisherlib.integrations, fisherlib.integrations.safetensors, fisherlib.uses; "
+            "print(sorted(m for m in ('torch', 'jax', 'safetensors', 'laplace', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
