@@ -77,7 +77,7 @@ def scaled_step(grads: Any, d: Any, lr: Any, kl_clip: float | None, momentum: fl
 
 def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "ollivier", damping: float = 1e-2,
                      decay: float | None = 0.95, momentum: float = 0.0, kl_clip: float | None = 1e-2,
-                     unit_solve: str = "auto", pinv: bool = False,
+                     unit_solve: str = "auto", pinv: bool = False, relative_damping: bool = False,
                      kfac: Any = None) -> optax.GradientTransformationExtraArgs:
     r"""Natural-gradient steps −η·(F̃ + λI)⁻¹ g as an optax transformation.
 
@@ -97,6 +97,8 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
         factors instead of the running estimate (:func:`kfac_natural_gradient`, docs/kfac.md):
         pass a first ``kfac=fisher(f, params, batch, structure="kfac", reduction="mean")`` and,
         at each refresh, ``update(..., kfac=<the refresh batch's estimate>)``.
+    relative_damping : bool
+        λ_l = ``damping`` · mean diag F̃ over each leaf (see :class:`~fisherlib.natural.NaturalGradient`).
     decay : float or None
         EMA decay of the Fisher terms (None: running mean).
     momentum : float
@@ -139,7 +141,7 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
 
     def _factorise(lay, fisher):
         return Preconditioner(Curvature(lay, state_value(fisher)), preconditioner, damping, unit_solve=unit_solve,
-                              pinv=pinv, factor=_CHOLESKY, static=True)
+                              pinv=pinv, factor=_CHOLESKY, static=True, relative_damping=relative_damping)
 
     def init(params):
         leaves = jax.tree_util.tree_leaves(params)

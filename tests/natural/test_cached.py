@@ -90,3 +90,83 @@ def test_errors_are_named():
         Preconditioner(terms, "diag")
     with pytest.raises(ValueError, match="grads"):
         Preconditioner(curv, "diag").apply([g[lay.names[0]]])
+
+
+def _scaled_case(structure, s):
+    """The "torch" case's Fisher terms and gradient with the weight's inputs scaled by s:
+    F' = S F S and g' = S g with S = s on the weight's entries, 1 elsewhere."""
+    from tests.natural.test_precondition import _index_map
+
+    lay, terms, g, F, idx, unit_idx = _setup("torch", structure)
+    w = idx["0.weight"].ravel()
+    S = np.ones(F.shape[0])
+    S[w] = s
+    Fs = F * S[:, None] * S[None, :]
+    terms_s = {}
+    for key, v in terms.items():
+        kind, name = key.split(":", 1)
+        if kind == "diag":
+            terms_s[key] = np.diagonal(Fs)[idx[name]]
+        elif kind == "cross":
+            terms_s[key] = Fs[unit_idx[:, :-1], unit_idx[:, -1:]]
+        elif kind == "unit":
+            terms_s[key] = Fs[unit_idx[:, :, None], unit_idx[:, None, :]]
+        else:
+            terms_s[key] = Fs[np.ix_(idx[name].ravel(), idx[name].ravel())]
+    g_s = {n: v * (s if n == "0.weight" else 1.0) for n, v in g.items()}
+    assert _index_map(lay.names, lay.shapes)["0.weight"].shape == (3, 4)
+    return lay, terms, g, terms_s, g_s, F, idx, unit_idx
+
+
+@pytest.mark.parametrize("kind,structure,unit_solve", KINDS)
+def test_relative_damping_makes_the_step_invariant_to_a_layers_input_scale(kind, structure, unit_solve):
+    """Scaling a layer's inputs by s scales its weights' Fisher by s² (and their bias–weight terms
+    by s) and their gradient by s: with relative_damping the weights' step scales by 1/s and every
+    other leaf's is unchanged (the same step in function space); with an absolute λ it is not."""
+    s = 16.0
+    lay, terms, g, terms_s, g_s, *_ = _scaled_case(structure, s)
+    steps = {}
+    for relative in (True, False):
+        for tag, (t, gg) in {"1": (terms, g), "s": (terms_s, g_s)}.items():
+            pre = Preconditioner(Curvature(lay, t), kind, 0.05, unit_solve=unit_solve, relative_damping=relative)
+            steps[relative, tag] = dict(zip(lay.names, pre.apply(_leaves(gg, lay.names))))
+    back = {n: v * (s if n == "0.weight" else 1.0) for n, v in steps[True, "s"].items()}
+    for n in lay.names:
+        np.testing.assert_allclose(back[n], steps[True, "1"][n], rtol=1e-9, atol=1e-13, err_msg=n)
+    back_abs = {n: v * (s if n == "0.weight" else 1.0) for n, v in steps[False, "s"].items()}
+    assert not all(np.allclose(back_abs[n], steps[False, "1"][n], rtol=1e-3) for n in lay.names)
+
+
+@pytest.mark.parametrize("kind,structure,unit_solve", [k for k in KINDS if k[2] != "woodbury"])
+def test_relative_damping_is_a_dense_solve_with_per_leaf_lambda(kind, structure, unit_solve):
+    """λ_l = ρ · mean diag F over leaf l: the step equals precondition() of the Fisher with λ_l
+    added to each leaf's diagonal (and, for the dense kinds, a float64 solve of F̃ + diag(λ))."""
+    rho = 0.3
+    lay, terms, g, F, idx, unit_idx = _setup("torch", structure, seed=1 if kind == "quasidiag" else 0)
+    lam = {n: rho * float(np.mean(np.diagonal(F)[idx[n].ravel()])) for n in lay.names}
+    shifted = {}
+    for key, v in terms.items():
+        kind_, name = key.split(":", 1)
+        if kind_ == "diag":
+            shifted[key] = v + lam[name]
+        elif kind_ == "block":
+            shifted[key] = v + lam[name] * np.eye(v.shape[0])
+        elif kind_ == "unit":
+            d = np.r_[np.full(v.shape[-1] - 1, lam["0.weight"]), lam["0.bias"]]
+            shifted[key] = v + np.diag(d)
+        else:
+            shifted[key] = v
+    want = precondition(g, Curvature(lay, shifted), kind, 0.0, unit_solve=unit_solve)
+    got = Preconditioner(Curvature(lay, terms), kind, rho, unit_solve=unit_solve, relative_damping=True)
+    for n, v in zip(lay.names, got.apply(_leaves(g, lay.names))):
+        np.testing.assert_allclose(v, want[n], rtol=1e-10, atol=1e-13, err_msg=n)
+    if kind in ("diag", "blocks") or unit_solve == "dense":
+        A = _structured(F, kind, idx, unit_idx, lay.names)
+        lam_vec = np.zeros(F.shape[0])
+        for n in lay.names:
+            lam_vec[idx[n].ravel()] = lam[n]
+        ref = np.linalg.solve(A + np.diag(lam_vec), _flat(g, idx, F.shape[0]))
+        np.testing.assert_allclose(_flat(dict(zip(lay.names, got.apply(_leaves(g, lay.names)))), idx, F.shape[0]),
+                                   ref, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="damping"):
+        Preconditioner(Curvature(lay, terms), kind, 0.0, unit_solve=unit_solve, relative_damping=True)

@@ -146,3 +146,20 @@ def test_the_docs_optax_example_runs_as_written_and_trains():
     ns: dict = {"__name__": "docs_example"}  # nothing defined beforehand
     exec(compile(blocks[0], "docs/natural-gradient.md optax example", "exec"), ns)
     assert ns["losses"][-1] < 0.8 * ns["losses"][0]
+
+
+@pytest.mark.slow
+def test_relative_damping_under_jit_is_the_preconditioners():
+    """natural_gradient(relative_damping=True), jitted: the step is Preconditioner(relative_damping=True)
+    of the running estimate (λ_l = ρ · mean diag F̃ per leaf), as NaturalGradient's."""
+    from fisherlib.natural import Preconditioner
+
+    tx = natural_gradient(0.1, preconditioner="ollivier", damping=0.3, kl_clip=None, relative_damping=True)
+    p1, _, _ = _make_step(tx)(PARAMS, tx.init(PARAMS), 3)
+    _, g, pg = jax.jit(lambda p: value_grad_and_probes(f, p, X, Y, 3, probes=2))(PARAMS)
+    rf = RunningFisher("quasidiag", probes=2)
+    names = list(PARAMS)
+    rf.update([np.asarray(pg[n]) for n in names], names, N)
+    pre = Preconditioner(Curvature.from_running(rf), "ollivier", 0.3, relative_damping=True)
+    for n, d in zip(pre.names, pre.apply([np.asarray(g[n]) for n in pre.names])):
+        np.testing.assert_allclose(p1[n], PARAMS[n] - 0.1 * d, rtol=1e-9, atol=1e-12)

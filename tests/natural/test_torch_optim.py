@@ -16,6 +16,7 @@ from fisherlib.estimators import RunningFisher  # noqa: E402
 from fisherlib.natural import (  # noqa: E402
     Curvature,
     LevenbergMarquardt,
+    Preconditioner,
     NaturalGradient,
     lr_from_lambda_max,
     precondition,
@@ -444,3 +445,19 @@ def test_the_defaults_are_the_documented_recommended_setting_and_train():
         loss = opt.backward(x, y)
         opt.step()
     assert float(loss) < 0.5 * first
+
+
+def test_relative_damping_reaches_the_preconditioner():
+    m, (x, y) = _net(), _data()
+    ref = copy.deepcopy(m)
+    opt = NaturalGradient(m, lr=0.1, damping=0.3, relative_damping=True, kl_clip=None, seed=2)
+    opt.backward(x, y)
+    opt.step()
+    assert opt._plan.relative and "relative_damping=True" in repr(opt)
+    rf = RunningFisher(opt.fisher.structure, probes=1, seed=2)
+    _, grads = rf.step(ref, None, x, y)
+    pre = Preconditioner(Curvature.from_running(rf), "ollivier", 0.3, relative_damping=True)
+    for n, d in zip(pre.names, pre.apply([grads[n] for n in pre.names])):
+        torch.testing.assert_close(m.get_parameter(n), ref.get_parameter(n) - 0.1 * d, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="damping"):
+        NaturalGradient(m, damping=0.0, relative_damping=True)
