@@ -406,3 +406,36 @@ def test_a_huggingface_gpt2_runs_with_its_conv1d_layers_as_blocks():
     v = {n: torch.ones_like(p) for n, p in m.named_parameters()}
     out = est.solve(v, 1e-3)
     assert all(torch.isfinite(t).all() and t.shape == v[n].shape for n, t in out.items())
+
+
+@pytest.mark.parametrize(("structure", "setting"), [("kfac", "expand"), ("kfac", "reduce"), ("ekfac", "expand")])
+def test_a_flax_cnn_matches_its_torch_twin(structure, setting):
+    """flax's (kh, kw, C_in, O) kernels and NHWC patches give the torch twin's blocks, leaf by leaf.
+    (EK-FAC with reduce is left out: its A is singular here, and its diagonal then depends on the
+    basis eigh picks for the null space.)"""
+    jax = pytest.importorskip("jax")
+    nn = pytest.importorskip("flax.linen")
+    jnp = jax.numpy
+    torch.manual_seed(0)
+    tnet = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(3 * 5 * 5, 4)).double()
+
+    class Flax(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Conv(3, (3, 3), padding=1)(x))
+            return nn.Dense(4)(jnp.transpose(h, (0, 3, 1, 2)).reshape(x.shape[0], -1))  # torch's flatten order
+
+    x = np.random.default_rng(0).normal(size=(6, 2, 5, 5))
+    W, b, W2, b2 = (p.detach().numpy() for p in tnet.parameters())
+    fp = {"params": {"Conv_0": {"kernel": jnp.asarray(W.transpose(2, 3, 1, 0)), "bias": jnp.asarray(b)},
+                     "Dense_0": {"kernel": jnp.asarray(W2.T), "bias": jnp.asarray(b2)}}}
+    t = fisherlib.fisher(tnet, None, [torch.as_tensor(x)], structure=structure, method="exact", kfac_approx=setting)
+    j = fisherlib.fisher(Flax().apply, fp, [jnp.asarray(x.transpose(0, 2, 3, 1))], structure=structure,
+                         method="exact", kfac_approx=setting)
+    conv = j.value["params"]["Conv_0"]
+    np.testing.assert_allclose(np.asarray(conv["kernel"]).transpose(3, 2, 0, 1), _np(t.value["0.weight"]),
+                               rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(conv["bias"]), _np(t.value["0.bias"]), rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(j.value["params"]["Dense_0"]["kernel"]).T, _np(t.value["3.weight"]),
+                               rtol=1e-9, atol=1e-14)
