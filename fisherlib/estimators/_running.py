@@ -34,6 +34,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
+
 from .. import backends as _backends
 from ..core import cotangents
 from ..core._compat import array_namespace, device, is_eager
@@ -286,6 +288,10 @@ class RunningFisher:
         (a plain training step through the same path).
         """
         be = self._backend(params if params is not None else inputs)
+        if loss is None and update and self.likelihood == "softmax":
+            got = self._whole_step(be, model, params, inputs, targets)
+            if got is not None:
+                return got
         sigmoid = self.likelihood == "sigmoid"
         if loss is None:  # the step's own forward: batch-norm statistics update where the adapter can
             logits, vjp = (getattr(be, "train_linearize", None) or be.linearize)(model, params, inputs)
@@ -323,7 +329,7 @@ class RunningFisher:
         N = counted
         eager = getattr(be, "compile", None) is None
         if eager:  # the EMA's weights ride on the probe cotangents (fold_scaled)
-            hut *= self._scale(N, self.probes)
+            hut *= self._scale(N)
         shape = tuple(logits.shape)
         batched = getattr(be, "batched", None)
         if batched is None or batched(z):  # one call for the 1 + K rows: leaves (1 + K, *leaf)
@@ -350,6 +356,32 @@ class RunningFisher:
                 warn_if_probabilities(z, "logits")
         return z
 
+    def _whole_step(self, be, model, params, inputs, targets):
+        """The step as one compiled call (forward, cotangents, batched pullback, fold), where the
+        adapter offers ``compile``: (loss, gradients), or None for the eager path (no compile
+        capability, traced arguments, a step it cannot take: the eager path raises its errors)."""
+        if getattr(be, "compile", None) is None or params is None:
+            return None
+        named = be.leaves(params)
+        if not named or not is_eager(named[0][1]):
+            return None  # inside the caller's jit: the eager path traces into it
+        if targets is not None and not hasattr(targets, "shape"):
+            targets = np.asarray(targets)
+        first = self.state is None
+        lay = self.layout or layout([n for n, _ in named], [tuple(x.shape) for _, x in named], self.structure)
+        state = self.state if not first else init_state(lay, named[0][1], stderr=self.keep_stderr)
+        opts = (self.probes, self.dist, self.decay, self.ignore_index)
+        fn = self._fn(be, ("whole", model, tuple(lay.names), tuple(lay.shapes)), lambda p, x, y, st, s: _whole(be, model, lay, opts, p, x, y, st, s))
+        try:
+            value, grads, new, flags = fn(params, inputs, targets, state, np.uint32(_step_seed(self.seed, self.steps)))
+        except Exception:  # noqa: BLE001 - the eager path takes the step and raises its own error
+            return None
+        bad_targets, none_counted, like_probs = (bool(v) for v in np.asarray(flags))  # one sync
+        if bad_targets or none_counted or (first and like_probs):
+            return None  # the eager path: its error, or (first step) its warning
+        self.layout, self.state = lay, new
+        return value, grads
+
     def _fn(self, be, key, fn):
         """``fn``, compiled once by the adapter when it offers ``compile`` (JAX: ``jax.jit``)."""
         cache = self.__dict__.setdefault("_compiled", {})
@@ -370,8 +402,8 @@ class RunningFisher:
                              f"got shapes {[tuple(g.shape) for g in probe_grads]}")
         self._fold(names, n, backend, stacked=list(probe_grads), owned=False)
 
-    def _scale(self, n: int, K: int) -> float:
-        """σ = √(α / (n K u')) for the next step's K probes, u' = β u; renormalises M, S first when
+    def _scale(self, n: int, K: int | None = None) -> float:
+        """σ = √(α / (n K u')) for the next step's K probes (default ``probes``), u' = β u; renormalises M, S first when
         u gets small (one pass over the state every ~log(10⁶)/log(1/β) steps)."""
         beta, alpha = _ema_weights(self.decay)
         if self._unit < 1e-6 and self.state is not None:
@@ -380,7 +412,7 @@ class RunningFisher:
                 for k in terms:
                     terms[k] *= self._unit  # stored back: JAX arrays rebind
             self._unit = 1.0
-        return math.sqrt(alpha / (n * K * self._unit * beta))
+        return math.sqrt(alpha / (n * (self.probes if K is None else K) * self._unit * beta))
 
     def _fold(self, names, n, backend, *, rows=None, stacked=None, owned=True, scaled=False):
         """Fold K probes, given as ``rows`` (K lists of leaves) or ``stacked`` leaves (K, *leaf);
@@ -399,7 +431,7 @@ class RunningFisher:
                 rows, owned = [[g * sigma for g in gs] for gs in rows], True
             beta, alpha = _ema_weights(self.decay)
             unit = self._unit * beta
-            fold_scaled(lay, self.state, rows, gain=K * unit / alpha, own_rows=owned)
+            fold_scaled(lay, self.state, rows, gain=len(rows) * unit / alpha, own_rows=owned)
             st = self.state
             # W₂ in units of a step of ``probes`` draws: a step of K draws counts probes/K as much.
             st.update(w=beta * st["w"] + alpha, w2=beta * beta * st["w2"] + alpha * alpha * (self.probes / K),
@@ -460,6 +492,38 @@ class RunningFisher:
         if all(f"s/{k}" in a for k in self.layout.keys):
             self.state["s"] = {k: _copy(a[f"s/{k}"]) for k in self.layout.keys}
         self._unit = float(sd.get("unit", 1.0))
+
+
+def _whole(be, model, lay, opts, params, inputs, targets, state, seed):
+    """One training step with K probes, pure (what :meth:`RunningFisher._whole_step` compiles):
+    (loss, gradient tree, new state, flags [targets out of range, none counted, logits in [0, 1]])."""
+    K, dist, decay, ignore_index = opts
+    logits, vjp = (getattr(be, "train_linearize", None) or be.linearize)(model, params, inputs)
+    z = _flat(logits)
+    xp = array_namespace(z)
+    N, C = z.shape
+    lead = tuple(logits.shape[:-1])
+    y = targets
+    if len(lead) > 1 and tuple(y.shape) == lead:
+        y = xp.reshape(y, (N,))
+    if tuple(y.shape) != (N,) or not xp.isdtype(y.dtype, "integral") or C == 1:
+        raise ValueError("targets or logits: the eager step words the error")
+    keep = None if ignore_index is None else y != ignore_index
+    bad = (y < 0) | (y >= C)
+    w = None if keep is None else xp.astype(keep, z.dtype)
+    if keep is not None:
+        bad = bad & keep
+        y = xp.where(keep, y, xp.zeros_like(y))
+    counted = N if w is None else xp.sum(w)
+    xi = be.probes(seed, (K, N, C), dist, like=z)
+    value, ct_loss, hut = cotangents.training_cotangents(z, y, xi, w)
+    pulled = vjp(xp.reshape(xp.concat([ct_loss[None, ...], hut], axis=0), (K + 1, *logits.shape)))
+    named = be.leaves(pulled)
+    grads = be.unflatten(pulled, [g[0, ...] for _, g in named])
+    new = fold(lay, state, _rows([g[1:, ...] for _, g in named]), counted, decay)
+    like_probs = xp.all((z >= 0) & (z <= 1))
+    flags = xp.stack([xp.any(bad), xp.asarray(counted) == 0, like_probs])
+    return value, grads, new, flags
 
 
 def _cross_entropy(z, y):

@@ -163,7 +163,8 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
             factors = state.factors
             pre = _factorise(lay, fisher).with_arrays(factors)
         d = be.unflatten(updates, pre.apply([x for _, x in be.leaves(updates)]))
-        out, mom = scaled_step(updates, d, lr_fn(state.count), kl_clip, momentum, state.momentum)
+        lr = lr_fn(state.count)
+        out, mom = scaled_step(updates, d, lr, kl_clip, momentum, state.momentum)
         return out, NaturalGradientState(state.count + 1, fisher, mom, factors)
 
     return optax.GradientTransformationExtraArgs(init, update)
