@@ -15,7 +15,8 @@ import optax
 
 from .. import backends as _backends
 from ..core import cotangents
-from ..estimators._running import _cross_entropy, _stack, init_state, layout, state_value, update_state
+from ..estimators._running import (NO_TARGETS, ONE_LOGIT, _cross_entropy, _sigmoid_training_cotangents, init_state,
+                                   layout, state_value, update_state)
 from ._cached import Preconditioner
 from ._precondition import KINDS, UNIT_SOLVES, Curvature, structure_for
 
@@ -30,27 +31,47 @@ class NaturalGradientState(NamedTuple):
 
 
 def value_grad_and_probes(model: Callable, params: Any, inputs: Any, targets: Any, seed: Any, *,
-                          probes: int = 1, loss: Callable | None = None):
+                          probes: int = 1, loss: Callable | None = None, likelihood: str = "softmax"):
     """(loss, gradient, probe gradients) from one forward and one batched pullback.
 
-    ``loss=None``: mean cross-entropy against class indices ``targets``; else
-    ``loss(logits, targets)`` (a scalar). ``probe_grads`` has a leading K on every leaf (None for
-    ``probes=0``, a plain training step). ``seed`` may be a traced integer or a PRNG key.
-    Pass ``probe_grads`` and the batch size to the transformation's ``update``.
+    ``loss=None``: mean cross-entropy against class indices ``targets`` (``likelihood="sigmoid"``:
+    mean binary cross-entropy against 0/1 targets shaped like the logits, a binary classifier
+    with one logit); else ``loss(logits, targets)`` (a scalar). The probes are the
+    likelihood's (softmax: B(p)ξ; sigmoid: √σ′(z) ⊙ ξ); one logit under "softmax" is an error
+    (its Fisher is 0). ``probe_grads`` has a leading K on every leaf (None for ``probes=0``, a
+    plain training step). ``seed`` may be a traced integer or a PRNG key. Pass ``probe_grads``
+    and the batch size to the transformation's ``update``.
     """
+    if likelihood not in ("softmax", "sigmoid"):
+        raise ValueError(f"likelihood: expected 'softmax' or 'sigmoid', got {likelihood!r}")
+    if loss is None and targets is None:
+        raise ValueError(NO_TARGETS)
     be = _backends.get("jax")
     logits, vjp = be.linearize(model, params, inputs)
     z = logits.reshape(-1, logits.shape[-1])
-    y = None if loss is not None else jnp.asarray(targets).reshape(-1)
+    if likelihood == "softmax" and z.shape[-1] == 1:
+        raise ValueError(f"logits: shape {tuple(logits.shape)}: {ONE_LOGIT}")
+    sigmoid = likelihood == "sigmoid"
+    y = None
+    if loss is None:
+        y = jnp.asarray(targets).astype(z.dtype).reshape(z.shape) if sigmoid else jnp.asarray(targets).reshape(-1)
     if probes == 0:
-        value, ct = _cross_entropy(z, y) if loss is None else jax.value_and_grad(loss)(logits, targets)
+        if loss is not None:
+            value, ct = jax.value_and_grad(loss)(logits, targets)
+        elif sigmoid:
+            value, ct, _ = _sigmoid_training_cotangents(z, y, jnp.zeros((0, *z.shape), z.dtype))
+        else:
+            value, ct = _cross_entropy(z, y)
         return value, vjp(ct.reshape(logits.shape)), None
     xi = be.probes(seed, (probes, *z.shape), "rademacher", like=z)
-    if loss is None:  # the loss and probe cotangents from one log-softmax
+    if loss is None and sigmoid:
+        value, ct, hut = _sigmoid_training_cotangents(z, y, xi)
+        cts = jnp.concatenate([ct[None], hut], axis=0)
+    elif loss is None:  # the loss and probe cotangents from one log-softmax
         value, cts = cotangents.cross_entropy_and_hutchinson(z, y, xi)
     else:
         value, ct = jax.value_and_grad(loss)(logits, targets)
-        cts = _stack(z, ct.reshape(z.shape), xi)
+        cts = jnp.concatenate([ct.reshape(z.shape)[None], cotangents.hutchinson(z, xi, likelihood)], axis=0)
     pulled = vjp(cts.reshape(probes + 1, *logits.shape))
     return value, jax.tree_util.tree_map(lambda g: g[0], pulled), jax.tree_util.tree_map(lambda g: g[1:], pulled)
 

@@ -163,3 +163,29 @@ def test_relative_damping_under_jit_is_the_preconditioners():
     pre = Preconditioner(Curvature.from_running(rf), "ollivier", 0.3, relative_damping=True)
     for n, d in zip(pre.names, pre.apply([np.asarray(g[n]) for n in pre.names])):
         np.testing.assert_allclose(p1[n], PARAMS[n] - 0.1 * d, rtol=1e-9, atol=1e-12)
+
+
+def test_a_one_logit_model_takes_the_sigmoid_likelihood():
+    """value_grad_and_probes(likelihood="sigmoid") of a one-logit model: the mean binary
+    cross-entropy, its gradient, and probe gradients Jᵀ(√σ′(z) ⊙ ξ), each against JAX by hand;
+    under the default softmax it is an error naming likelihood='sigmoid', and so are no targets."""
+    def g1(p, x):
+        return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"][:, :1] + p["b2"][:1]
+
+    yb = (np.asarray(X[:, 0]) > 0).astype(float)
+    value, grads, pg = value_grad_and_probes(g1, PARAMS, X, yb, 5, probes=2, likelihood="sigmoid")
+    ref_v, ref_g = jax.value_and_grad(lambda p: optax.sigmoid_binary_cross_entropy(g1(p, X)[:, 0], yb).mean())(PARAMS)
+    assert abs(float(value) - float(ref_v)) < 1e-12
+    z, pull = jax.vjp(lambda p: g1(p, X), PARAMS)
+    xi = backends.get("jax").probes(5, (2, N, 1), "rademacher", like=X)
+    s = jax.nn.sigmoid(z)
+    ref_pg = jax.vmap(lambda c: pull(c)[0])(jnp.sqrt(s * (1 - s)) * xi)
+    for n in PARAMS:
+        np.testing.assert_allclose(grads[n], ref_g[n], rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(pg[n], ref_pg[n], rtol=1e-10, atol=1e-13)
+    plain, plain_g, none = value_grad_and_probes(g1, PARAMS, X, yb, 5, probes=0, likelihood="sigmoid")
+    assert none is None and abs(float(plain) - float(ref_v)) < 1e-12
+    with pytest.raises(ValueError, match="likelihood='sigmoid'"):
+        value_grad_and_probes(g1, PARAMS, X, yb.astype(int), 5)
+    with pytest.raises(ValueError, match="targets: got None"):
+        value_grad_and_probes(f, PARAMS, X, None, 5)
