@@ -236,7 +236,7 @@ def _tests_of(mutant: tuple) -> list[str]:
 
 
 def _copy(dest: Path, worktree: bool) -> None:
-    paths = ["fisherlib", "tests", "pyproject.toml"]
+    paths = ["fisherlib", "tests", "docs", "pyproject.toml"]  # some tests read the docs' pages
     if worktree:
         for p in paths:
             src = ROOT / p
