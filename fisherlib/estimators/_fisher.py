@@ -602,7 +602,7 @@ def _cotangent(be, z, labels, b, opts, index=None):
         return cotangents.label_residual(z, _labels(labels, z, lik, b), lik)[None, ...]
     if method == "mc":
         u = be.probes(s, (K, n) if lik == "softmax" else (K, n, C), "uniform", like=z)
-        return cotangents.label_residual(z, cotangents.sample_labels(z, u, lik), lik)
+        return cotangents.monte_carlo(z, u, lik)  # e_ŷ − p from one softmax per chunk of positions
     if opts["bound"] == "lower":
         return cotangents.lower_bound(z, be.probes(s, (K, n, opts["rank"]), opts["dist"], like=z))
     xi = be.probes(s, (K, n, C), opts["dist"], like=z)
