@@ -169,13 +169,13 @@ class NaturalGradient(torch.optim.Optimizer):
         active = self._active()
         if not active:
             raise RuntimeError("backward: every parameter of the optimizer is frozen (requires_grad=False)")
-        if self._kron is not None:
-            return self._kfac_backward(inputs, targets, loss, active)
-        names = [n for n, _ in active]
         if len(active) < len(self.names):  # frozen since the last step: no stale gradient moves them
             for p in self.param_groups[0]["params"]:
                 if not p.requires_grad:
                     p.grad = None
+        if self._kron is not None:
+            return self._kfac_backward(inputs, targets, loss, active)
+        names = [n for n, _ in active]
         changed = self.curvature is not None and list(self.curvature.layout.names) != names
         refresh = self.steps % self.refresh == 0 or self.curvature is None or changed
         if self.fisher is None or not refresh:  # a given curvature, or a step between refreshes
