@@ -25,7 +25,7 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 PAGES = sorted(
     str(p.relative_to(DOCS))
     for pattern in ("quickstart/*.md", "estimators/*.md", "theory.md", "index.md", "per-example.md",
-                    "huggingface-and-sequences.md", "parameter-spectrum.md",
+                    "huggingface-and-sequences.md", "language-models.md", "parameter-spectrum.md",
                     "natural-gradient.md", "using-the-fisher.md", "kfac.md")
     for p in DOCS.glob(pattern)
 )

@@ -280,3 +280,15 @@ def test_streaming_over_a_dataloader_with_tokens_per_second(capsys):
     assert "tokens_per_s" in capsys.readouterr().err
     listed = fisherlib.fisher(model, None, list(lm.lm_batches(ids, 3, 6)), probes=2, seed=5)
     np.testing.assert_allclose(_flat(est), _flat(listed), rtol=1e-6)
+
+
+def test_monte_carlo_cotangent_is_the_residual_of_the_sampled_labels():
+    rng = np.random.default_rng(0)
+    z, u = 3 * rng.normal(size=(13, 6)), rng.uniform(size=(4, 13))
+    want = cotangents.label_residual(z, cotangents.sample_labels(z, u))
+    np.testing.assert_allclose(cotangents.monte_carlo(z, u), want, rtol=0, atol=1e-12)
+    chunked = cotangents.by_rows(lambda a, b: cotangents.monte_carlo(a, b), z, u, budget=4 * 6 * 3)
+    np.testing.assert_allclose(chunked, want, rtol=0, atol=1e-12)
+    us = rng.uniform(size=(4, 13, 6))  # sigmoid: 0/1 draws per class
+    np.testing.assert_array_equal(cotangents.monte_carlo(z, us, "sigmoid"),
+                                  cotangents.label_residual(z, cotangents.sample_labels(z, us, "sigmoid"), "sigmoid"))
