@@ -99,6 +99,7 @@ def test_cotangents_jit_and_vmap():
         "label_residual": lambda z, xi, u, y: cotangents.label_residual(z, y),
         "training_cotangents": lambda z, xi, u, y: cotangents.training_cotangents(z, y, xi, (y > 0) * 1.0),
         "cross_entropy_and_hutchinson": lambda z, xi, u, y: cotangents.cross_entropy_and_hutchinson(z, y, xi),
+        "by_rows": lambda z, xi, u, y: cotangents.by_rows(cotangents.hutchinson, z, xi, budget=4),
     }
     assert set(cases) == set(cotangents.__all__)
     _check_jit(cases, (z, xi, u, y),
@@ -179,3 +180,64 @@ def test_estimators_under_jit_with_traced_inputs_and_labels():
     for (path, e), j in zip(jax.tree_util.tree_leaves_with_path(eager), jax.tree_util.tree_leaves(jitted), strict=True):
         np.testing.assert_allclose(np.asarray(j), np.asarray(e), rtol=1e-9, atol=1e-12,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+# --------------------------------------------------------------------------- the compiled batch step
+
+
+def _eager(be):
+    """The same adapter without its compile capability: fisher() then runs op by op."""
+    import copy
+
+    out = copy.copy(be)
+    out.compile = None
+    return out
+
+
+def test_fisher_compiles_each_batch_step_once_and_agrees_with_the_eager_path():
+    from fisherlib.backends import get
+
+    params = {"w1": _normal(20, 3, 4), "b1": _normal(21, 4), "w2": _normal(22, 4, C), "b2": _normal(23, C)}
+    xs = [_normal(24 + i, N, 3) for i in range(3)]
+    y = jnp.asarray([0, -100, 2, 1])
+    traces = []
+
+    def f(p, x):
+        traces.append(1)
+        return _mlp(p, x)
+
+    be = get("jax")
+    cases = [({"probes": 3, "seed": 5}, xs), ({"method": "exact", "structure": "blocks", "blocks": "unitwise"}, xs),
+             ({"method": "empirical", "structure": "trace"}, [(x, y) for x in xs])]
+    for kw, data in cases:
+        a = fisherlib.fisher(f, params, data, backend=be, **kw)
+        n = len(traces)
+        again = fisherlib.fisher(f, params, data, backend=be, **kw)
+        assert len(traces) == n, kw  # the second call reuses the compiled step: no trace at all
+        assert a.n_outputs == again.n_outputs == (3 * (N - 1) if "empirical" in kw.values() else 3 * N)
+        for u, w in zip(jax.tree_util.tree_leaves(a.value), jax.tree_util.tree_leaves(again.value), strict=True):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(w))
+    # The eager path (op by op: slow to compile, so one case) draws the same probes.
+    a = fisherlib.fisher(f, params, xs[:2], backend=be, **cases[0][0])
+    b = fisherlib.fisher(_mlp, params, xs[:2], backend=_eager(be), **cases[0][0])
+    for u, v in zip(jax.tree_util.tree_leaves((a.value, a.stderr)), jax.tree_util.tree_leaves((b.value, b.stderr)),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-14)
+
+
+def test_compiled_step_keeps_the_eager_errors():
+    params = {"w1": _normal(30, 3, 4), "b1": _normal(31, 4), "w2": _normal(32, 4, C), "b2": _normal(33, C)}
+    x = _normal(34, N, 3)
+    bad = x.at[2, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match="batch 1 gave non-finite logits: contains NaN"):
+        fisherlib.fisher(_mlp, params, [x, bad], probes=1)
+    with pytest.raises(ValueError, match="batch 1 has labels outside 0..2"):
+        fisherlib.fisher(_mlp, params, [(x, jnp.asarray([0, 1, 2, 0])), (x, jnp.asarray([0, 1, 3, 0]))],
+                         method="empirical")
+
+    from fisherlib.backends import get
+
+    a = fisherlib.fisher(_mlp, params, [x], method="exact", backend=get("jax", jit=False))  # compiles nothing
+    b = fisherlib.fisher(_mlp, params, [x], method="exact")
+    for u, v in zip(jax.tree_util.tree_leaves(a.value), jax.tree_util.tree_leaves(b.value), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-12)

@@ -10,11 +10,13 @@ float64 when ``jax_enable_x64`` is on.
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._common import check_ct, check_dist, check_per_example_ct, check_seed, check_shape, logits_of
 
@@ -46,6 +48,87 @@ def _per_example(model, params, inputs, cts, chunk_size):
         return jax.vmap(one, in_axes=(0, 1), out_axes=1)(inputs, cts)
     rows = jax.lax.map(lambda a: one(*a), (inputs, jnp.moveaxis(cts, 1, 0)), batch_size=chunk_size)
     return jax.tree_util.tree_map(lambda r: jnp.moveaxis(r, 0, 1), rows)
+
+
+_GOLDEN = 0x9E3779B9
+
+
+def _mix(h: jax.Array) -> jax.Array:
+    """lowbias32 (C. Wellons): a bijection of uint32 with near-ideal avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def _seed_words(seed: Any) -> list | np.ndarray:
+    """The seed as uint32 words: (high, low) of an int below 2⁶⁴ or of a traced integer, the key
+    data of a typed PRNG key (threefry's key(s) holds (high, low) of s)."""
+    if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        data = jnp.ravel(jax.random.key_data(seed)).astype(jnp.uint32)
+        return [data[i] for i in range(data.shape[0])]  # (traced or not: stacked again by _draw)
+    if isinstance(seed, jax.Array):  # a traced (or concrete) integer scalar
+        if not jnp.issubdtype(seed.dtype, jnp.integer) or seed.ndim != 0:
+            raise TypeError(f"seed: expected an integer scalar, got {seed.dtype}{list(seed.shape)}")
+        return [jnp.uint32(0), seed.astype(jnp.uint32)]
+    s = check_seed(seed)
+    if s >= 1 << 64:
+        raise ValueError(f"seed: expected an int below 2**64, got {s}")
+    return np.asarray([s >> 32, s & 0xFFFFFFFF], dtype=np.uint32)  # host words: no device op
+
+
+def _bits(words: list, shape: tuple[int, ...], stream: int) -> jax.Array:
+    """uint32 bits for every entry of ``shape``: row r (first axis) maps position i to
+    mix(mix(i ⊕ k_r) + k'_r), a bijection of i keyed by the seed words, the stream and r."""
+    key = jnp.uint32(stream * 2 + 1)
+    for w in words:
+        key = _mix(key ^ (w + jnp.uint32(_GOLDEN)))
+    lead, rest = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
+    row = _mix(key ^ (jax.lax.broadcasted_iota(jnp.uint32, (lead, 1), 0) + jnp.uint32(_GOLDEN)))
+    row2 = _mix(row ^ jnp.uint32(0x5BD1E995))
+    h = _mix(_mix(jax.lax.broadcasted_iota(jnp.uint32, (1, rest), 1) ^ row) + row2)
+    return h.reshape(shape)
+
+
+def _uniform(words: list, shape: tuple[int, ...], stream: int, dtype) -> jax.Array:
+    """Uniforms in [0, 1): 24 random bits (53 in float64, from streams ``stream`` and ``stream + 1``)."""
+    a = _bits(words, shape, stream)
+    if dtype == jnp.float64:
+        b = _bits(words, shape, stream + 1)
+        return ((a >> 6).astype(jnp.float64) * 2.0 ** 27 + (b >> 5).astype(jnp.float64)) * 2.0 ** -53
+    u = (a >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+    if dtype == jnp.float32:
+        return u
+    u = u.astype(dtype)  # float16 / bfloat16: rounding may reach 1
+    return jnp.minimum(u, jnp.nextafter(jnp.asarray(1, dtype), jnp.asarray(0, dtype)))
+
+
+def _draw_impl(words: jax.Array, shape: tuple[int, ...], dist: str, dtype) -> jax.Array:
+    words = [words[i] for i in range(words.shape[0])]
+    if math.prod(shape[1:]) >= 1 << 32:
+        return _threefry(words, shape, dist, dtype)
+    if dist == "rademacher":
+        return (1 - 2 * (_bits(words, shape, 0) >> 31).astype(jnp.int32)).astype(dtype)
+    if dist == "uniform":
+        return _uniform(words, shape, 0, dtype)
+    # Box–Muller: √(−2 log u₁) cos(2π u₂), u₁ in (0, 1]
+    wide = jnp.float64 if dtype == jnp.float64 else jnp.float32
+    u1, u2 = 1 - _uniform(words, shape, 2, wide), _uniform(words, shape, 4, wide)
+    return (jnp.sqrt(-2 * jnp.log(u1)) * jnp.cos(2 * jnp.pi * u2)).astype(dtype)
+
+
+_draw = jax.jit(_draw_impl, static_argnums=(1, 2, 3))  # one dispatch when called eagerly
+
+
+def _threefry(words: list, shape: tuple[int, ...], dist: str, dtype) -> jax.Array:
+    """``jax.random``'s draw, for rows too long for the 32-bit positions of :func:`_bits`."""
+    key = jax.random.wrap_key_data(jnp.stack(words[-2:]).astype(jnp.uint32))
+    if dist == "rademacher":
+        return jax.random.rademacher(key, shape, dtype=dtype)
+    if dist == "gaussian":
+        return jax.random.normal(key, shape, dtype=dtype)
+    return jax.random.uniform(key, shape, dtype=dtype)
 
 
 def _same_method(a, b) -> bool:
@@ -98,12 +181,19 @@ class JaxBackend:
         if not layer_io:  # the capability is absent: the estimators take the generic per-example VJP
             self.layer_io = None
         self._cache: OrderedDict[tuple[int, int, int], tuple[Any, Callable, Callable, Any]] = OrderedDict()
+        self._steps: OrderedDict[Any, Callable] = OrderedDict()  # compile(fn, key=...)
+        self._outputs: dict[Any, JaxBackend] = {}  # with_output(fn) -> its copy
 
     def with_output(self, output: Callable[[Any], jax.Array]) -> JaxBackend:
         """A copy of this backend (sharing its compiled cache) that takes the logits as
-        ``output(model_output)``; pass the same function each time to reuse compilations."""
-        new = copy.copy(self)
-        new.output = output
+        ``output(model_output)``; pass the same function each time to reuse compilations (the
+        same function gives the same copy)."""
+        new = self._outputs.get(output)
+        if new is None:
+            new = self._outputs[output] = copy.copy(self)
+            new.output = output
+            if len(self._outputs) > self._CACHE_SIZE:
+                self._outputs.pop(next(iter(self._outputs)))
         return new
 
     def _compiled(self, model: Callable) -> tuple[Callable, Callable]:
@@ -181,26 +271,26 @@ class JaxBackend:
         return jax_layers.capture(self, model, params, inputs)
 
     def probes(self, seed: Any, shape: tuple[int, ...], dist: str, like: jax.Array) -> jax.Array:
-        """Rademacher, Gaussian or uniform values from ``jax.random`` with ``jax.random.key(seed)``.
+        """Rademacher, Gaussian or uniform values from a counter-based hash of (seed, index).
 
-        ``seed`` is an int, a traced integer scalar (under ``jit``) or a typed PRNG key. The
-        result has ``like``'s dtype and, for a concrete single-device ``like``, its device.
+        ``seed`` is an int, a traced integer scalar (under ``jit``) or a typed PRNG key (its key
+        data are the seed: ``jax.random.key(s)`` draws what ``s`` draws). The result has
+        ``like``'s dtype and, for a concrete single-device ``like``, its device.
+
+        Each row along the first axis is a keyed bijection of the 32-bit position in the row
+        (two rounds of the lowbias32 mixer, keyed by the seed and the row): no two entries of
+        a row share their bits, values do not depend on ``jit``, ``vmap`` or the device, and
+        the whole draw is a few integer operations per entry, which XLA compiles in
+        milliseconds where ``jax.random``'s threefry took seconds (most of a first call's time
+        on a small model). Uniforms take the top 24 bits (53 from two draws in float64);
+        Gaussians come from two uniforms by Box–Muller. Rows of 2³² entries or more fall back
+        to ``jax.random`` (threefry) with ``jax.random.key(seed)``.
         """
         shape, dist = check_shape(shape), check_dist(dist)
         if not jnp.issubdtype(like.dtype, jnp.floating):
             raise TypeError(f"like: expected a floating dtype, got {like.dtype}")
-        if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-            key = seed
-        elif isinstance(seed, jax.Array):
-            key = jax.random.key(seed)  # a traced integer under jit
-        else:
-            key = jax.random.key(check_seed(seed))
-        if dist == "rademacher":
-            out = jax.random.rademacher(key, shape, dtype=like.dtype)
-        elif dist == "gaussian":
-            out = jax.random.normal(key, shape, dtype=like.dtype)
-        else:
-            out = jax.random.uniform(key, shape, dtype=like.dtype)
+        words = _seed_words(seed)
+        out = _draw(words if isinstance(words, np.ndarray) else jnp.stack(words), shape, dist, jnp.dtype(like.dtype))
         sharding = getattr(like, "sharding", None) if not isinstance(like, jax.core.Tracer) else None
         if isinstance(sharding, jax.sharding.SingleDeviceSharding):
             out = jax.device_put(out, sharding)
@@ -296,8 +386,24 @@ class JaxBackend:
         value, ct = hit[1](logits, targets)
         return logits, value, ct, vjp
 
-    def compile(self, fn: Callable) -> Callable:
+    def compile(self, fn: Callable, *, key: Any = None) -> Callable:
         """``jax.jit(fn)`` (``fn`` itself with ``jit=False``): lets framework-free code such as
-        :class:`~fisherlib.estimators.RunningFisher` compile its pure array functions once
-        instead of dispatching (and compiling) them op by op."""
-        return jax.jit(fn) if self.jit else fn
+        :func:`~fisherlib.fisher` and :class:`~fisherlib.estimators.RunningFisher` compile a
+        whole step (forward, cotangents, pullback, reduction) once instead of dispatching (and
+        compiling) it op by op.
+
+        ``key`` (hashable: the model function, the options) caches the compiled function: a
+        later call with an equal key (and this backend's ``output``) returns the first one's,
+        whose compilations JAX keeps per shape and dtype; ``fn`` is then not used.
+        """
+        if key is None:
+            return jax.jit(fn) if self.jit else fn
+        key = (key, self.output, self.jit)
+        hit = self._steps.get(key)
+        if hit is None:
+            hit = self._steps[key] = jax.jit(fn) if self.jit else fn
+            if len(self._steps) > self._CACHE_SIZE:
+                self._steps.popitem(last=False)
+        else:
+            self._steps.move_to_end(key)
+        return hit

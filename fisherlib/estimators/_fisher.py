@@ -17,6 +17,7 @@ from ..core._compat import array_namespace, as_floating, device, is_eager, logit
 from ..core._lib import widen
 from . import _blocks, _kfac, _outputs, _products
 from ._batches import batches as _batches
+from ._batches import leaves_of as _leaves_of
 from ._estimate import DETERMINISTIC, FisherEstimate, probe_moments, stderr_kind
 from ._kronecker import KroneckerEstimate
 from ._running import ONE_LOGIT, warn_if_probabilities
@@ -223,16 +224,31 @@ def fisher(
     n_inputs = 0
     n_outputs = 0
     bar = _Progress(_batches(batches, labels), progress)
+    step = nonfinite = None  # the whole batch step compiled once, where the adapter can (compile)
     for b, (inputs, y) in enumerate(bar):
         if be is None:  # a module with params=None is identified by its inputs
             be = _with_output(_resolve_backend(backend, params if params is not None else inputs), logits)
-        # Per-example methods run the layer-I/O forward where the adapter has one.
-        got = _products.forward(be, model, params, inputs) if opts["per_example"] else None
-        out, vjp, capture = (got[0], None, got[1]) if got else (*be.linearize(model, params, inputs), None)
-        z, C = _check_logits(out, b, likelihood)
+            if structure not in KRONECKER and params is not None:
+                step = _compiled_step(be, model, opts, structure, blocks, mask, ignore_index)
+        done.append(next(index))
+        s = _batch_seed(opts["seed"], b if done[-1] is None else done[-1], opts.get("stream", 0))
+        got = step(params, inputs, y, s, b) if step is not None else None
+        if got is not None:
+            contrib, out, count = got
+            if parts is None:
+                template = params
+                names = [n for n, _ in be.leaves(template)]
+                shapes = [tuple(x.shape) for _, x in be.leaves(template)]
+                plan = _blocks.plan(names, shapes, blocks) if structure == "blocks" else None
+            moments, fold = _compiled_fold(be, keep_probes, structure, method, probes, contrib, moments)
+            parts, nonfinite = fold(parts, contrib)
+            n_inputs += out.shape[0]
+            n_outputs += count
+            bar.inputs(n_inputs, n_outputs)
+            continue
+        step = nonfinite = None  # a batch the step could not take (a model that does not trace): eager from here
+        out, vjp, capture, cts, m, y = _batch_cotangents(be, model, params, inputs, y, b, s, opts, structure, mask, ignore_index)
         shape = tuple(out.shape)
-        m, y = _outputs.weights(inputs, y, out, mask=mask, ignore_index=ignore_index, likelihood=likelihood,
-                                b=b, needed=method == "empirical")
         if parts is None:
             template = _parameter_tree(be, model, params, out, vjp, inputs)
             names = [n for n, _ in be.leaves(template)]
@@ -246,15 +262,6 @@ def fisher(
                     blocks=basis.blocks if structure == "ekfac" else None,
                     fallback=list(basis.fallback) if structure == "ekfac" else [])
         n = shape[0]  # inputs; z has a row per output (position)
-        done.append(next(index))
-        if method == "exact":  # the C columns in chunks, never the dense (C, n, C) stack
-            cts = _products.exact_cotangents(z, shape, opts, capture, structure)
-        else:
-            cts = [_reshape_like(_cotangent(be, z, y, b, opts, done[-1]), out)]  # (K, *logits.shape)
-        if m is not None:  # masked outputs and ignored labels: zero cotangents
-            cts = _outputs.masked(cts, m, shape)
-        if method == "empirical" and _outputs.positions(shape) > 1:  # token-level: a column per position
-            cts = _outputs.by_position(cts, shape, _products.ELEMENTS)
         if kron is not None:
             kron.add(be, model, params, inputs, cts, capture, m, shape, names, shapes, opts["chunk_size"])
             parts = kron.parts  # marks the first batch done
@@ -262,19 +269,7 @@ def fisher(
             n_outputs += _outputs.count(m, shape)
             bar.inputs(n_inputs, n_outputs)
             continue
-        if opts["per_example"]:
-            contrib = _products.per_example(
-                be, model, params, inputs, cts, capture, structure=structure, plan=plan, shapes=shapes,
-                names=names, summed=method in DETERMINISTIC, chunk_size=opts["chunk_size"])
-        else:
-            # The batch's last pull-back: a vjp that can (frees_graph) frees the forward's graph as
-            # its backward passes it, so the peak memory is a training step's (docs/language-models.md).
-            g = vjp(cts[0], last=True) if getattr(vjp, "frees_graph", False) else vjp(cts[0])
-            grads = [g for _, g in be.leaves(g)]
-            if structure == "diag":  # one term per probe: squares, without summing a size-1 axis
-                contrib = [_square(g, getattr(be, "vjp_fresh", False)) for g in grads]
-            else:
-                contrib = _products.accumulate([g[:, None, ...] for g in grads], structure, plan, sum_probes=False)
+        contrib = _contributions(be, model, params, inputs, vjp, capture, cts, opts, structure, plan, shapes, names)
         if moments is None:  # decided once the size of the per-probe sums is known
             moments = _moments(keep_probes, structure, method, probes, contrib)
         if moments:
@@ -291,7 +286,7 @@ def fisher(
 
     out_names = names if structure in ("diag", "sketch") else (
         ["trace"] if structure == "trace" else [blk.name for blk in plan])
-    _check_finite(parts, out_names)
+    _check_finite(parts, out_names, nonfinite)
     deterministic = method in DETERMINISTIC
     K = 0 if deterministic else probes
     kind = stderr_kind(method, probes)
@@ -304,6 +299,136 @@ def fisher(
         block_shapes=_blocks.shapes_of(plan) if plan else {}, _tree=tree, n_outputs=n_outputs,
         draws=_record(done, None if deterministic else seed), moments=bool(moments),
     )
+
+
+# --------------------------------------------------------------------------- one batch
+
+
+def _batch_cotangents(be, model, params, inputs, y, b, s, opts, structure, mask, ignore_index):
+    """One batch's forward and logit cotangents: (logits, vjp, capture, cotangent stacks, output
+    weights m or None, labels as used). ``s``: the batch's seed (an int, or traced)."""
+    method, likelihood = opts["method"], opts["likelihood"]
+    # Per-example methods run the layer-I/O forward where the adapter has one.
+    got = _products.forward(be, model, params, inputs) if opts["per_example"] else None
+    out, vjp, capture = (got[0], None, got[1]) if got else (*be.linearize(model, params, inputs), None)
+    z, _ = _check_logits(out, b, likelihood)
+    shape = tuple(out.shape)
+    m, y = _outputs.weights(inputs, y, out, mask=mask, ignore_index=ignore_index, likelihood=likelihood,
+                            b=b, needed=method == "empirical")
+    if method == "exact":  # the C columns in chunks, never the dense (C, n, C) stack
+        cts = _products.exact_cotangents(z, shape, opts, capture, structure)
+    else:
+        cts = [_reshape_like(_cotangent(be, z, y, b, opts, seed=s), out)]  # (K, *logits.shape)
+    if m is not None:  # masked outputs and ignored labels: zero cotangents
+        cts = _outputs.masked(cts, m, shape)
+    if method == "empirical" and _outputs.positions(shape) > 1:  # token-level: a column per position
+        cts = _outputs.by_position(cts, shape, _products.ELEMENTS)
+    return out, vjp, capture, cts, m, y
+
+
+def _contributions(be, model, params, inputs, vjp, capture, cts, opts, structure, plan, shapes, names):
+    """One batch's contributions (per probe, or summed for deterministic methods) to every part."""
+    if opts["per_example"]:
+        return _products.per_example(
+            be, model, params, inputs, cts, capture, structure=structure, plan=plan, shapes=shapes,
+            names=names, summed=opts["method"] in DETERMINISTIC, chunk_size=opts["chunk_size"])
+    # The batch's last pull-back: a vjp that can (frees_graph) frees the forward's graph as
+    # its backward passes it, so the peak memory is a training step's (docs/language-models.md).
+    g = vjp(cts[0], last=True) if getattr(vjp, "frees_graph", False) else vjp(cts[0])
+    grads = [g for _, g in be.leaves(g)]
+    if structure == "diag":  # one term per probe: squares, without summing a size-1 axis
+        return [_square(g, getattr(be, "vjp_fresh", False)) for g in grads]
+    return _products.accumulate([g[:, None, ...] for g in grads], structure, plan, sum_probes=False)
+
+
+def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index):
+    """The batch step as one compiled function of (params, inputs, labels, seed), where the
+    adapter offers ``compile``; None otherwise. Cached by the adapter under the model and the
+    options, so that later calls with the same shapes reuse the compilation.
+
+    It returns ``run(params, inputs, labels, seed, b)``: (contributions, logits, outputs
+    counted), or None when the step cannot take the batch (a model that does not trace, a
+    batch whose labels or inputs are not arrays, any error at tracing: the eager path then
+    runs the batch and raises its own, precise, error).
+    """
+    comp = getattr(be, "compile", None)
+    if comp is None:
+        return None
+    method, likelihood = opts["method"], opts["likelihood"]
+
+    def pure(params, inputs, y, s):
+        out, vjp, capture, cts, m, y = _batch_cotangents(be, model, params, inputs, y, 0, s, opts, structure, mask,
+                                                         ignore_index)
+        named = be.leaves(params)
+        names, shapes = [n for n, _ in named], [tuple(x.shape) for _, x in named]
+        plan = _blocks.plan(names, shapes, blocks) if structure == "blocks" else None
+        contrib = _contributions(be, model, params, inputs, vjp, capture, cts, opts, structure, plan, shapes, names)
+        return contrib, out, _flags(out, y, m, method, likelihood)
+
+    try:
+        # The backend object too: a wrapper (distributed.jax_fisher's traced seed) gets its own.
+        key = ("fisher.step", be, model, structure, tuple(sorted(opts.items())), repr(blocks), mask, ignore_index)
+        hash(key)
+    except TypeError:  # an unhashable model or mask: not cached, not compiled
+        return None
+    fn = comp(pure, key=key)
+
+    def run(params, inputs, y, s, b):
+        if not all(is_eager(a) for a in _leaves_of(inputs)[:1] + _leaves_of(params)[:1]):
+            return None  # inside the caller's jit, which compiles the whole loop anyway
+        if y is not None and not hasattr(y, "shape"):
+            y = np.asarray(y)
+        try:
+            contrib, out, flags = fn(params, inputs, y, np.uint32(s))
+        except Exception:  # noqa: BLE001 - the eager path runs the batch and raises its own error
+            return None
+        bad_logits, like_probs, bad_labels, count = (float(v) for v in np.asarray(flags))  # one sync
+        if bad_logits or (like_probs and b == 0):
+            _check_logits(out, b, likelihood)  # the eager checks: their error, or their warning
+        if bad_logits or bad_labels:
+            return None  # the eager path raises the labels' error
+        return contrib, out, int(round(count))
+
+    return run
+
+
+def _flags(out, y, m, method, likelihood):
+    """[logits not well formed, logits in [0, 1] (maybe probabilities), labels out of range,
+    outputs counted]: what the eager checks of one batch look at, as one array. A raised flag
+    only sends the batch to the eager checks, which decide (and word the error or warning)."""
+    xp = array_namespace(out)
+    z = xp.reshape(out, (-1, out.shape[-1]))
+    top = xp.max(z, axis=-1)
+    if likelihood == "softmax":
+        bad = ~xp.all(xp.isfinite(top))
+    else:
+        bad = ~xp.all(~xp.isnan(top) & (top != xp.inf)) | xp.any(xp.min(z, axis=-1) == -xp.inf)
+    probs = xp.all((z >= 0) & (z <= 1))
+    labels = xp.asarray(False)
+    if method == "empirical" and y is not None:  # the range checks of _labels
+        C = z.shape[-1]
+        ok = xp.all((y >= 0) & (y < C)) if likelihood == "softmax" else xp.all((y == 0) | (y == 1))
+        labels = ~ok
+    count = _outputs.count(m, tuple(out.shape))
+    return xp.stack([xp.astype(bad, z.dtype), xp.astype(probs, z.dtype), xp.astype(labels, z.dtype),
+                     xp.astype(xp.asarray(count, device=device(z)), z.dtype)])
+
+
+def _compiled_fold(be, keep_probes, structure, method, probes, contrib, moments):
+    """(moments, fold(parts, contrib) -> parts): the running sums' update as one compiled call
+    (the per-probe moments, when kept, and the addition); ``moments`` is decided on the first
+    batch from the contributions' sizes."""
+    if moments is None:
+        moments = _moments(keep_probes, structure, method, probes, contrib)
+
+    def fold(parts, contrib):
+        if moments:
+            contrib = [probe_moments(c) for c in contrib]
+        new = contrib if parts is None else [a + c for a, c in zip(parts, contrib)]
+        xp = array_namespace(*new)
+        return new, xp.stack([xp.any(~xp.isfinite(x)) for x in new])  # for _check_finite, no eager pass
+
+    return moments, be.compile(fold, key=("fisher.fold", bool(moments)))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -517,14 +642,16 @@ def _check_logits(logits, b, likelihood):
     return z, C
 
 
-def _check_finite(parts: list, names: list | None) -> None:
+def _check_finite(parts: list, names: list | None, nonfinite: Array | None = None) -> None:
     """One device sync: the accumulated sums are finite, or an error that says where to look
     (the logits were checked per batch; an inf input can still give finite logits, through a
-    saturating activation, and NaN gradients)."""
+    saturating activation, and NaN gradients). ``nonfinite``: the flags, already computed."""
     if not parts or not is_eager(parts[0]):
         return
     xp = array_namespace(parts[0])
-    bad = np.asarray(_to_host(xp.stack([xp.any(~xp.isfinite(x)) for x in parts])))
+    if nonfinite is None:
+        nonfinite = xp.stack([xp.any(~xp.isfinite(x)) for x in parts])
+    bad = np.asarray(_to_host(nonfinite))
     if bad.any():
         where = [names[i] if names and i < len(names) else f"part {i}" for i in np.flatnonzero(bad)]
         raise ValueError(f"batches: the Fisher has non-finite entries (inf or NaN) in {', '.join(where)}, "
@@ -587,13 +714,13 @@ def _record(indices, seed) -> tuple:
     return tuple(out)
 
 
-def _cotangent(be, z, labels, b, opts, index=None):
+def _cotangent(be, z, labels, b, opts, index=None, *, seed=None):
     method, lik, K = opts["method"], opts["likelihood"], opts["probes"]
     n, C = z.shape
     if opts["bound"] == "lower" and opts["rank"] > C:
         raise ValueError(f"rank: the lower envelope has at most C={C} eigenpairs (classes), "
                          f"got rank={opts['rank']}")
-    s = _batch_seed(opts["seed"], b if index is None else index, opts.get("stream", 0))
+    s = seed if seed is not None else _batch_seed(opts["seed"], b if index is None else index, opts.get("stream", 0))
     if method == "exact":
         return cotangents.exact_columns(z, lik, opts["bound"], opts["rank"])
     if method == "empirical":
