@@ -26,7 +26,8 @@ PAGES = sorted(
     str(p.relative_to(DOCS))
     for pattern in ("quickstart/*.md", "estimators/*.md", "theory.md", "index.md", "per-example.md",
                     "huggingface-and-sequences.md", "language-models.md", "parameter-spectrum.md",
-                    "natural-gradient.md", "using-the-fisher.md", "kfac.md")
+                    "natural-gradient.md", "using-the-fisher.md", "kfac.md",
+                    "integrations/*.md")
     for p in DOCS.glob(pattern)
 )
 
