@@ -192,15 +192,17 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         ),
         "jvp": _yes("`jax.jvp`; K directions through one `jax.linearize` and `vmap`, jit-compiled"),
         "training_loop": _yes("`loss_linearize` (`jax.value_and_grad` of the loss, `vmap` of the "
-                              "pullback) and `compile` (`jax.jit` of the running estimate's update); "
+                              "pullback) and `compile` (`jax.jit` of the whole step with its probes and update); "
                               "the optax transformation traces inside your `jit`"),
         "own_params": _no(
             "JAX models are pure functions `f(params, x)`: pass the parameter pytree (flax "
             "variables, `eqx.partition`)"
         ),
         "jit": _yes(
-            "`jax.jit`: the core and the adapter trace inside your own `jit`; the adapter "
-            "compiles the model's VJP itself unless `backends.get(\"jax\", jit=False)`"
+            "`compile(fn, key=)`: `fisher()` and `RunningFisher.step` compile each batch's whole "
+            "step (forward or layer I/O, cotangents, pullback, reduction) once per model, options "
+            "and shape; the core, the adapter and the estimators also trace inside your own `jit` "
+            "(`tests/test_jit.py`); `backends.get(\"jax\", jit=False)` compiles nothing"
         ),
         "float64": _depends("needs `jax.config.update(\"jax_enable_x64\", True)`; else float32", "x64"),
         "reduced_precision": YES,

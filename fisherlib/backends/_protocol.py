@@ -35,6 +35,13 @@ class Backend(Protocol):
     leading K when every leaf of ``tangents`` has one), for the products F v of
     :mod:`fisherlib.spectral`, which falls back to per-example VJPs without it.
 
+    Also optional: ``compile(fn, *, key=None) -> fn'``, a compiler for pure array functions
+    (JAX: ``jax.jit``). With it :func:`~fisherlib.fisher` and
+    :class:`~fisherlib.estimators.RunningFisher` run each batch's whole step (forward or layer
+    I/O, cotangents, pullback, reduction) as one compiled call; ``key`` (hashable: the model,
+    the options) caches the compiled function, so that an equal key returns the first one's.
+    Without it they run the same code eagerly. The step must trace: no values read on the host.
+
     Two optional execution hints (no mathematics; estimators read them with ``getattr``):
 
     - ``vjp_fresh = True``: every array ``vjp`` returns is newly allocated, so an estimator may
