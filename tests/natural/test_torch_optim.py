@@ -354,8 +354,9 @@ def test_kl_clip_default_is_one_value_everywhere():
 
     torch_default = inspect.signature(NaturalGradient).parameters["kl_clip"].default
     assert torch_default == inspect.signature(natural_gradient).parameters["kl_clip"].default == 1e-2
-    docs = (Path(__file__).resolve().parents[2] / "docs" / "natural-gradient.md").read_text(encoding="utf-8")
-    assert "`kl_clip=1e-2` by default" in docs
+    page = Path(__file__).resolve().parents[2] / "docs" / "natural-gradient.md"
+    if page.exists():  # (a copy of the package and its tests alone, as scripts/mutation.py makes, has no docs)
+        assert "`kl_clip=1e-2` by default" in page.read_text(encoding="utf-8")
 
 
 def test_a_given_exact_fisher_preconditions_through_the_curvature_argument():
