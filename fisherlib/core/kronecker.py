@@ -96,8 +96,9 @@ def input_factor(x: Array, *, setting: str = "expand", weights: Array | None = N
         1 for the positions that count (an output mask), 0 for the others.
     bias : bool
         Append the constant input 1 here. With more rows (N·S) than inputs (expand) the bias
-        row and column of A come from the sums of x, without copying x: a convolution's
-        patches are the largest array K-FAC touches (the same numbers up to rounding).
+        row and column of A come from the sums of x, and with reduce the 1 is appended after
+        the mean over positions, so x is never copied: a convolution's patches are the largest
+        array K-FAC touches (the same numbers up to rounding).
 
     Returns
     -------
@@ -111,7 +112,7 @@ def input_factor(x: Array, *, setting: str = "expand", weights: Array | None = N
     N, S, G, I = x.shape
     if bias and setting == "expand" and N * S > I + 1:
         return _input_factor_with_bias(x, weights, xp=xp)
-    if bias:
+    if bias and setting == "expand":
         x = with_bias(x)
         I = I + 1
     if setting == "expand":
@@ -127,10 +128,14 @@ def input_factor(x: Array, *, setting: str = "expand", weights: Array | None = N
             w = xp.astype(weights, x.dtype)
             per = xp.sum(w, axis=1)  # counted positions of each input
             mean = xp.sum(x * w[:, :, None, None], axis=1) / xp.clip(per, min=1.0)[:, None, None]
+            one = per / xp.clip(per, min=1.0)  # the constant input's mean: 1, or 0 without positions
             count = xp.sum(xp.astype(per > 0, x.dtype))
         else:
             mean = xp.mean(x, axis=1)
+            one = xp.ones((N,), dtype=x.dtype, device=device(x))
             count = xp.asarray(float(N), dtype=x.dtype, device=device(x))
+        if bias:  # appended after the mean over positions: N rows instead of N·S
+            mean = xp.concat([mean, xp.broadcast_to(xp.reshape(one, (N, 1, 1)), (N, G, 1))], axis=-1)
         rows = xp.permute_dims(mean, (1, 0, 2))  # (G, N, I)
     A = xp.matmul(xp.matrix_transpose(rows), rows)
     return A, xp.reshape(count, (1,))
