@@ -292,3 +292,18 @@ def test_monte_carlo_cotangent_is_the_residual_of_the_sampled_labels():
     us = rng.uniform(size=(4, 13, 6))  # sigmoid: 0/1 draws per class
     np.testing.assert_array_equal(cotangents.monte_carlo(z, us, "sigmoid"),
                                   cotangents.label_residual(z, cotangents.sample_labels(z, us, "sigmoid"), "sigmoid"))
+
+
+def test_benchmark_script_runs_on_the_tiny_twin(capsys):
+    from tests._benchmarks import load_benchmark
+
+    threads = torch.get_num_threads()
+    try:
+        load_benchmark("language_model").main(["--quick", "--no-memory", "--repeats", "1", "--length", "8", "--rows",
+                                               "hutchinson K=1,mc K=1,exact head (closed form)"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "---" not in r]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["train step", "hutchinson K=1", "mc K=1",
+                                                           "exact head (closed form)"]
+    assert all(float(r.split("|")[2].replace(",", "")) > 0 for r in rows[1:])
