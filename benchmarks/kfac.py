@@ -11,12 +11,14 @@ One table per setting, all rows measured in ONE run (interleaved repeats, median
 - ``curvlinops KFAC (mc, 1 sample)``: ``KFACLinearOperator(fisher_type="mc", mc_samples=1)``
   and ``compute_kronecker_factors()``;
 - ``nngeometry PMatKFAC (MC, 1 trial)``: ``FIM_MonteCarlo(model, loader, PMatKFAC, trials=1)``;
+- the ``reduce`` rows: fisherlib's 1-probe and curvlinops' K-FAC with ``kfac_approx="reduce"``
+  (Eschenhagen et al., 2023), where weights are shared across positions (the CNNs, MiniLM);
 - ``↳`` rows: the parts of fisherlib's 1-probe call, each timed alone — the forward with the
   layer capture, the backward of the probe to every layer's output (no weight gradients), and
   A and G from the captured inputs and cotangents; the rest of the call is the driver's.
 
-Columns: median time per batch; its ratio to the training step and to the faster peer (aim:
-fisherlib no slower than either, ≤ 1); peak memory, in a fresh subprocess per row after one
+Columns: median time per batch; its ratio to the training step and to the faster peer of the
+same setting (expand or reduce; aim: fisherlib no slower than either, ≤ 1); peak memory, in a fresh subprocess per row after one
 warm-up call (VmHWM reset through ``/proc/self/clear_refs``, minus the resident size before
 the call), beside what the factors themselves hold, Σ (Ĩ² + O²) floats per layer, and what
 the per-example gradients of the batch would hold, N·P floats (which K-FAC never forms).
@@ -54,9 +56,12 @@ sys.path.insert(0, ROOT)
 from _measure import median_times, reset_peak, status_kb  # noqa: E402 (benchmarks/ is the script's directory)
 
 ROWS = ["training step", "fisherlib K-FAC, 1 probe", "fisherlib K-FAC, 1 MC sample",
-        "curvlinops KFAC (mc, 1 sample)", "nngeometry PMatKFAC (MC, 1 trial)"]
-PEERS = {"curvlinops KFAC (mc, 1 sample)": "curvlinops", "nngeometry PMatKFAC (MC, 1 trial)": "nngeometry"}
-FISHERLIB = ("fisherlib K-FAC, 1 probe", "fisherlib K-FAC, 1 MC sample")
+        "curvlinops KFAC (mc, 1 sample)", "nngeometry PMatKFAC (MC, 1 trial)",
+        "fisherlib K-FAC reduce, 1 probe", "curvlinops KFAC reduce (mc, 1 sample)"]
+PEERS = {"curvlinops KFAC (mc, 1 sample)": "curvlinops", "nngeometry PMatKFAC (MC, 1 trial)": "nngeometry",
+         "curvlinops KFAC reduce (mc, 1 sample)": "curvlinops"}
+FISHERLIB = ("fisherlib K-FAC, 1 probe", "fisherlib K-FAC, 1 MC sample", "fisherlib K-FAC reduce, 1 probe")
+REDUCE = ("fisherlib K-FAC reduce, 1 probe", "curvlinops KFAC reduce (mc, 1 sample)")
 
 # label, kind, classes, batch (full); quick sizes below
 SETTINGS = [
@@ -137,9 +142,11 @@ def make_call(row: str, model, x, y):
             torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), params)
 
         return step
+    approx = "reduce" if row in REDUCE else "expand"
     if row in FISHERLIB:
-        method = "hutchinson" if row == "fisherlib K-FAC, 1 probe" else "mc"
-        return lambda seed=0: fisherlib.fisher(model, None, x, structure="kfac", method=method, probes=1, seed=seed)
+        method = "mc" if "MC" in row else "hutchinson"
+        return lambda seed=0: fisherlib.fisher(model, None, x, structure="kfac", method=method, probes=1, seed=seed,
+                                               kfac_approx=approx)
     if row.startswith("curvlinops"):
         from curvlinops import KFACLinearOperator
 
@@ -148,7 +155,7 @@ def make_call(row: str, model, x, y):
         def cl(seed=0):
             op = KFACLinearOperator(model, torch.nn.CrossEntropyLoss(reduction="sum"), params, [(x, y)],
                                     fisher_type="mc", mc_samples=1, seed=seed, separate_weight_and_bias=False,
-                                    check_deterministic=False)
+                                    kfac_approx=approx, check_deterministic=False)
             op.compute_kronecker_factors()
             return op
 
@@ -224,6 +231,8 @@ def breakdown(model, x) -> dict:
 
 def unavailable(row: str, kind: str) -> str | None:
     """Why a row cannot run (None: it can)."""
+    if row in REDUCE and kind == "mlp":
+        return "no weights shared across positions: reduce is expand"
     peer = PEERS.get(row)
     if peer is not None and importlib.util.find_spec(peer) is None:
         return f"{peer} is not installed (pip install 'fisherlib[bench]')"
@@ -296,7 +305,8 @@ def bench(label, kind, classes, n, *, quick, repeats, memory):
         calls.update(breakdown(model, x))
     t = median_times(calls, repeats, warmup=0)
     step = t["training step"]
-    peers = [t[r] for r in PEERS if r in t]
+    peers = {setting: [t[r] for r in PEERS if r in t and (r in REDUCE) == (setting == "reduce")]
+             for setting in ("expand", "reduce")}
     rows = []
     for row in ROWS:
         r = dict(row=row)
@@ -304,8 +314,9 @@ def bench(label, kind, classes, n, *, quick, repeats, memory):
             r["skipped"] = skipped[row]
         else:
             r.update(time=t[row], vs_step=t[row] / step)
-            if row in FISHERLIB and peers:
-                r["vs_peer"] = t[row] / min(peers)
+            same = peers["reduce" if row in REDUCE else "expand"]
+            if row in FISHERLIB and same:
+                r["vs_peer"] = t[row] / min(same)
             if memory:
                 r["mem"], r["mem_how"] = memory_row(kind, classes, n, row, quick)
         rows.append(r)

@@ -269,7 +269,7 @@ def figure(results, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 1 + len(results), figsize=(4.4 * (1 + len(results)), 4.0))
+    fig, axes = plt.subplots(1, 1 + len(results), figsize=(4.4 * (1 + len(results)), 4.4))
     labels = [k for k in results[0]["rows"] if k != "none (F̂ = 0)"]
     labels += [k for r in results for k in r["rows"] if k not in labels and k != "none (F̂ = 0)"]
     colors = {k: f"C{i}" for i, k in enumerate(labels)}
@@ -294,8 +294,9 @@ def figure(results, path) -> None:
         ax.set_xlabel(r"$\lambda \,/\, (\mathrm{tr}\, F / P)$")
         ax.set_ylabel(r"cosine of $(\hat F + \lambda I)^{-1} g$ with $(F + \lambda I)^{-1} g$", fontsize=8)
         ax.set_title(f"damped solve, {NAMES[res['kind']]}")
-    axes[-1].legend(fontsize=6, loc="lower right", framealpha=0.9)
-    fig.tight_layout()
+    handles, names = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
