@@ -421,6 +421,12 @@ class RunningFisher:
             shapes = [tuple(g.shape) for g in rows[0]] if rows is not None else [tuple(g.shape[1:]) for g in stacked]
             self.layout = layout(names, shapes, self.structure)
             self.state = init_state(self.layout, (rows[0] if rows is not None else stacked)[0], stderr=self.keep_stderr)
+        elif len(names) != len(self.layout.names) or list(names) != list(self.layout.names):
+            gone = [n for n in self.layout.names if n not in names]
+            new = [n for n in names if n not in self.layout.names]
+            raise ValueError(f"params: the parameter leaves differ from those of the estimate's first step (left "
+                             f"out: {gone}, new: {new}), e.g. a parameter frozen or unfrozen since; start a new "
+                             "RunningFisher for the new set (NaturalGradient does)")
         lay, decay = self.layout, self.decay
         comp = getattr(backend, "compile", None) if backend is not None else None
         if comp is None:  # eager: the state (ours) updated in place, and the probes too when ours

@@ -465,3 +465,17 @@ def test_sigmoid_running_fisher_is_unbiased_for_the_exact_one():
     softmax_rf = RunningFisher("diag", probes=4, decay=None)  # a biased variant: the softmax cotangent of
     with pytest.raises(ValueError, match="sigmoid"):           # one logit, refused rather than zero
         softmax_rf.step(net, None, x, y.long())
+
+
+def test_a_changed_set_of_parameters_is_named():
+    """A parameter frozen after the first step: the next step names the leaf that left instead of
+    failing on mismatched shapes."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.arange(8) % 3
+    rf = RunningFisher("quasidiag")
+    rf.step(net, None, x, y)
+    net[0].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"left out: \['0.bias'\]"):
+        rf.step(net, None, x, y)
