@@ -40,7 +40,9 @@ def value_grad_and_probes(model: Callable, params: Any, inputs: Any, targets: An
     likelihood's (softmax: B(p)ξ; sigmoid: √σ′(z) ⊙ ξ); one logit under "softmax" is an error
     (its Fisher is 0). ``probe_grads`` has a leading K on every leaf (None for ``probes=0``, a
     plain training step). ``seed`` may be a traced integer or a PRNG key. Pass ``probe_grads``
-    and the batch size to the transformation's ``update``.
+    and the batch size to the transformation's ``update``. ``loss`` is differentiated with
+    respect to the logits only: a penalty on the parameters (L2, EWC) adds its own gradient,
+    ``grads = jax.tree_util.tree_map(jnp.add, grads, jax.grad(penalty)(params))``.
     """
     if likelihood not in ("softmax", "sigmoid"):
         raise ValueError(f"likelihood: expected 'softmax' or 'sigmoid', got {likelihood!r}")
