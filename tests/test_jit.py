@@ -100,6 +100,7 @@ def test_cotangents_jit_and_vmap():
         "training_cotangents": lambda z, xi, u, y: cotangents.training_cotangents(z, y, xi, (y > 0) * 1.0),
         "cross_entropy_and_hutchinson": lambda z, xi, u, y: cotangents.cross_entropy_and_hutchinson(z, y, xi),
         "by_rows": lambda z, xi, u, y: cotangents.by_rows(cotangents.hutchinson, z, xi, budget=4),
+        "monte_carlo": lambda z, xi, u, y: cotangents.monte_carlo(z, u),
     }
     assert set(cases) == set(cotangents.__all__)
     _check_jit(cases, (z, xi, u, y),
@@ -267,3 +268,17 @@ def test_running_fisher_step_is_one_compiled_call_equal_to_the_eager_steps():
     for k in b.value:
         np.testing.assert_allclose(np.asarray(a.value[k]), np.asarray(b.value[k]), rtol=1e-9, atol=1e-14)
         np.testing.assert_allclose(np.asarray(a.stderr[k]), np.asarray(b.stderr[k]), rtol=1e-9, atol=1e-14)
+
+
+def test_fisher_operator_products_compiled_per_batch_equal_the_eager_pass():
+    from fisherlib.backends import get
+
+    params = {"w1": _normal(50, 3, 4), "b1": _normal(51, 4), "w2": _normal(52, 4, C), "b2": _normal(53, C)}
+    xs = [_normal(54, N, 3), _normal(55, N, 3)]
+    V = _normal(56, 2, 3 * 4 + 4 + 4 * C + C)
+    for bound in (None, "lower"):
+        a = spectral.fisher_operator(_mlp, params, xs, bound=bound, backend=get("jax"))
+        b = spectral.fisher_operator(_mlp, params, xs, bound=bound, backend=_eager(get("jax")))
+        np.testing.assert_allclose(np.asarray(a.matmat(V)), np.asarray(b.matmat(V)), rtol=1e-10, atol=1e-13)
+        assert a.n_inputs == b.n_inputs == 2 * N
+        assert a._compiled_matmat(V) is not None and b._compiled_matmat(V) is None  # the path each took

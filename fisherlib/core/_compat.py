@@ -100,6 +100,23 @@ def check_logits(z: Array, name: str = "z", *, softmax: bool = True):
     return xp, z, out_dtype
 
 
+LOGITS_PROBLEMS = (None, "contains NaN", "contains +inf; only -inf (a class of probability 0) is allowed",
+                   "a row has every logit equal to -inf, so no class has positive probability", "contains -inf")
+"""What :func:`logits_problem` says, indexed by :func:`logits_problem_code`."""
+
+
+def logits_problem_code(z: Array, xp, *, softmax: bool = True, finite: bool = False) -> Array:
+    """:func:`logits_problem` as an index into :data:`LOGITS_PROBLEMS` (0: none), a 0-d integer
+    array computed without reading values on the host: it traces (a compiled step's check)."""
+    top = xp.max(z, axis=-1)
+    code = xp.where(xp.any(xp.isnan(top)), 1, xp.where(xp.any(top == xp.inf), 2, 0))
+    if softmax:
+        code = xp.where((code == 0) & xp.any(top == -xp.inf), 3, code)
+    if finite:
+        code = xp.where((code == 0) & xp.any(xp.min(z, axis=-1) == -xp.inf), 4, code)
+    return code
+
+
 def logits_problem(z: Array, xp, *, softmax: bool = True, finite: bool = False) -> str | None:
     """What is wrong with the values of eager logits ``z`` (..., C), or None.
 

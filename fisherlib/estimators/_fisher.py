@@ -13,11 +13,13 @@ import numpy as np
 
 from .. import backends as _backends
 from ..core import cotangents, kronecker
-from ..core._compat import array_namespace, as_floating, device, is_eager, logits_problem
+from ..core._compat import (LOGITS_PROBLEMS, array_namespace, as_floating, device, is_eager, logits_problem,
+                             logits_problem_code)
 from ..core._lib import widen
 from . import _blocks, _kfac, _outputs, _products
 from ._batches import batches as _batches
 from ._batches import leaves_of as _leaves_of
+from ._batches import n_of as _batches_n_of
 from ._estimate import DETERMINISTIC, FisherEstimate, probe_moments, stderr_kind
 from ._kronecker import KroneckerEstimate
 from ._running import ONE_LOGIT, warn_if_probabilities
@@ -225,28 +227,30 @@ def fisher(
     n_outputs = 0
     bar = _Progress(_batches(batches, labels), progress)
     step = nonfinite = None  # the whole batch step compiled once, where the adapter can (compile)
+    pending: list = []  # (batch, flags) of the compiled batches, checked at the end with one sync
+    template, C = None, None
     for b, (inputs, y) in enumerate(bar):
         if be is None:  # a module with params=None is identified by its inputs
             be = _with_output(_resolve_backend(backend, params if params is not None else inputs), logits)
             if structure not in KRONECKER and params is not None:
-                step = _compiled_step(be, model, opts, structure, blocks, mask, ignore_index)
+                step = _compiled_step(be, model, opts, structure, blocks, mask, ignore_index, keep_probes)
         done.append(next(index))
         s = _batch_seed(opts["seed"], b if done[-1] is None else done[-1], opts.get("stream", 0))
-        got = step(params, inputs, y, s, b) if step is not None else None
-        if got is not None:
-            contrib, out, count = got
-            if parts is None:
+        got = step(params, inputs, y, s, b, parts, moments) if step is not None else None
+        if got is not None:  # one compiled call: the batch's step and the running sums' update
+            parts, nonfinite, flags, moments, C = got[0], got[1], got[2], got[3], got[4] or C
+            if template is None:
                 template = params
                 names = [n for n, _ in be.leaves(template)]
                 shapes = [tuple(x.shape) for _, x in be.leaves(template)]
                 plan = _blocks.plan(names, shapes, blocks) if structure == "blocks" else None
-            moments, fold = _compiled_fold(be, keep_probes, structure, method, probes, contrib, moments)
-            parts, nonfinite = fold(parts, contrib)
-            n_inputs += out.shape[0]
-            n_outputs += count
-            bar.inputs(n_inputs, n_outputs)
+            n_inputs += _batches_n_of(inputs)
+            pending.append((b, flags))
+            bar.inputs(n_inputs)
             continue
-        step = nonfinite = None  # a batch the step could not take (a model that does not trace): eager from here
+        if step is not None or pending:  # a batch the step could not take: eager from here
+            n_outputs += _raise_flagged(pending, C, likelihood) if pending else 0
+            step, nonfinite, pending = None, None, []
         out, vjp, capture, cts, m, y = _batch_cotangents(be, model, params, inputs, y, b, s, opts, structure, mask, ignore_index)
         shape = tuple(out.shape)
         if parts is None:
@@ -283,6 +287,8 @@ def fisher(
                                    done, reduction)
     if parts is None:
         raise ValueError("batches: no batch was given")
+    if pending:
+        n_outputs += _raise_flagged(pending, C, likelihood)
 
     out_names = names if structure in ("diag", "sketch") else (
         ["trace"] if structure == "trace" else [blk.name for blk in plan])
@@ -341,7 +347,7 @@ def _contributions(be, model, params, inputs, vjp, capture, cts, opts, structure
     return _products.accumulate([g[:, None, ...] for g in grads], structure, plan, sum_probes=False)
 
 
-def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index):
+def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index, keep_probes):
     """The batch step as one compiled function of (params, inputs, labels, seed), where the
     adapter offers ``compile``; None otherwise. Cached by the adapter under the model and the
     options, so that later calls with the same shapes reuse the compilation.
@@ -371,38 +377,69 @@ def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index):
         hash(key)
     except TypeError:  # an unhashable model or mask: not cached, not compiled
         return None
-    fn = comp(pure, key=key)
+    shapes_of = getattr(comp(pure, key=key), "eval_shape", None)  # shapes without running (jax.jit's)
+    if shapes_of is None:
+        return None
 
-    def run(params, inputs, y, s, b):
-        if not all(is_eager(a) for a in _leaves_of(inputs)[:1] + _leaves_of(params)[:1]):
+    def fused(moments):  # the step and the running sums' update in one call
+        fold = _fold_fn(moments)
+
+        def step_fold(params, inputs, y, s, parts):
+            contrib, _, flags = pure(params, inputs, y, s)
+            return (*fold(parts, contrib), flags)  # the logits stay inside: no (N, T, C) output
+
+        return comp(step_fold, key=key + ("fold", bool(moments)))
+
+    def run(params, inputs, y, s, b, parts, moments):
+        """(parts, non-finite flag per part, flags, moments, C) after this batch."""
+        leaf = _leaves_of(params)[:1]
+        if not all(is_eager(a) for a in _leaves_of(inputs)[:1] + leaf):
             return None  # inside the caller's jit, which compiles the whole loop anyway
         if y is not None and not hasattr(y, "shape"):
             y = np.asarray(y)
+        seed = np.uint32(s)
         try:
-            contrib, out, flags = fn(params, inputs, y, np.uint32(s))
+            if parts is None:  # the first batch: the contributions' shapes say what the sums hold
+                contrib, out, _ = shapes_of(params, inputs, y, seed)
+                moments = _moments(keep_probes, structure, method, opts["probes"], contrib)
+                xp = array_namespace(leaf[0])
+                parts = [xp.zeros((2, *c.shape[1:]) if moments else c.shape, dtype=c.dtype, device=device(leaf[0]))
+                         for c in contrib]
+                C = out.shape[-1]
+            else:
+                C = None
+            new, nonfinite, flags = fused(moments)(params, inputs, y, seed, parts)
         except Exception:  # noqa: BLE001 - the eager path runs the batch and raises its own error
             return None
-        bad_logits, like_probs, bad_labels, count = (float(v) for v in np.asarray(flags))  # one sync
-        if bad_logits or (like_probs and b == 0):
-            _check_logits(out, b, likelihood)  # the eager checks: their error, or their warning
-        if bad_logits or bad_labels:
-            return None  # the eager path raises the labels' error
-        return contrib, out, int(round(count))
+        if b == 0:  # the first batch at once (one sync): its errors and the probabilities warning come
+            if np.asarray(flags)[:3].any():  # from the eager path, which takes the whole call then
+                return None
+        return new, nonfinite, flags, moments, C  # later batches' flags: checked at the end
 
     return run
 
 
+def _raise_flagged(flags: list, C: int, likelihood: str) -> int:
+    """The outputs counted over the compiled batches, after one sync: or the error the eager
+    checks would have raised for the first batch whose flags are up."""
+    xp = array_namespace(flags[0][1])
+    rows = np.asarray(_to_host(xp.stack([f for _, f in flags])))
+    for (b, _), (problem, _, bad_labels, _) in zip(flags, rows):
+        if problem:
+            raise ValueError(f"batches: batch {b} gave non-finite logits: {LOGITS_PROBLEMS[int(problem)]}")
+        if bad_labels:
+            raise ValueError(f"batches: batch {b} has labels outside 0..{C - 1}" if likelihood == "softmax" else
+                             f"batches: batch {b} has multi-label targets other than 0 and 1")
+    return int(round(float(rows[:, 3].sum())))
+
+
 def _flags(out, y, m, method, likelihood):
-    """[logits not well formed, logits in [0, 1] (maybe probabilities), labels out of range,
-    outputs counted]: what the eager checks of one batch look at, as one array. A raised flag
-    only sends the batch to the eager checks, which decide (and word the error or warning)."""
+    """[what is wrong with the logits (an index into LOGITS_PROBLEMS), logits in [0, 1] (maybe
+    probabilities), labels out of range, outputs counted]: what the eager checks of one batch
+    look at, as one array."""
     xp = array_namespace(out)
     z = xp.reshape(out, (-1, out.shape[-1]))
-    top = xp.max(z, axis=-1)
-    if likelihood == "softmax":
-        bad = ~xp.all(xp.isfinite(top))
-    else:
-        bad = ~xp.all(~xp.isnan(top) & (top != xp.inf)) | xp.any(xp.min(z, axis=-1) == -xp.inf)
+    bad = logits_problem_code(z, xp, softmax=likelihood == "softmax", finite=likelihood == "sigmoid")
     probs = xp.all((z >= 0) & (z <= 1))
     labels = xp.asarray(False)
     if method == "empirical" and y is not None:  # the range checks of _labels
@@ -414,21 +451,17 @@ def _flags(out, y, m, method, likelihood):
                      xp.astype(xp.asarray(count, device=device(z)), z.dtype)])
 
 
-def _compiled_fold(be, keep_probes, structure, method, probes, contrib, moments):
-    """(moments, fold(parts, contrib) -> parts): the running sums' update as one compiled call
-    (the per-probe moments, when kept, and the addition); ``moments`` is decided on the first
-    batch from the contributions' sizes."""
-    if moments is None:
-        moments = _moments(keep_probes, structure, method, probes, contrib)
-
+def _fold_fn(moments):
+    """fold(parts, contrib) -> (parts, non-finite flag per part), pure: the per-probe moments when
+    kept, the addition, and what _check_finite needs without an eager pass."""
     def fold(parts, contrib):
         if moments:
             contrib = [probe_moments(c) for c in contrib]
         new = contrib if parts is None else [a + c for a, c in zip(parts, contrib)]
         xp = array_namespace(*new)
-        return new, xp.stack([xp.any(~xp.isfinite(x)) for x in new])  # for _check_finite, no eager pass
+        return new, xp.stack([xp.any(~xp.isfinite(x)) for x in new])
 
-    return moments, be.compile(fold, key=("fisher.fold", bool(moments)))
+    return fold
 
 
 # --------------------------------------------------------------------------- helpers

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core import hypercube, simplex
-from ..core._compat import array_namespace, device
+from ..core._compat import array_namespace, device, is_eager
 from ..estimators import _fisher
 from ..estimators._batches import batches as read_batches
 from ..estimators._batches import n_of, slice_tree
@@ -188,6 +188,62 @@ class FisherOperator:
         if V.ndim != 2 or V.shape[1] != self.n_params:
             raise ValueError(f"V: expected shape (K, P) or (P,) with P = {self.n_params}, got {tuple(V.shape)}")
         K = V.shape[0]
+        done = self._compiled_matmat(V)
+        if done is not None:
+            acc, n_inputs = done
+        else:
+            acc, n_inputs = self._eager_matmat(V)
+        self.n_inputs = n_inputs
+        if self.reduction == "mean":
+            acc = acc / n_inputs
+        self.products += K
+        self.passes += 1
+        if self.on_pass is not None:
+            self.on_pass()
+        return acc[0, :] if single else acc
+
+    def _compiled_matmat(self, V: Array):
+        """(Σ_b F_b V, inputs) with each batch's product (forward, J v, kernel, pullback) one
+        compiled call, where the adapter offers ``compile`` and ``jvp``; None otherwise, or when
+        a batch's logits are not well formed (the eager pass then raises the error)."""
+        comp = getattr(self.backend, "compile", None)
+        if comp is None or self._no_jvp or self.cache or self.params is None:
+            return None
+        if not is_eager(V) or not all(is_eager(x) for _, x in self.backend.leaves(self.params)[:1]):
+            return None  # inside the caller's jit, which compiles the whole pass anyway
+        xp = self.xp
+
+        def product(params, inputs, V):
+            logits, vjp = self.backend.linearize(self.model, params, inputs)
+            C = logits.shape[-1]
+            z = xp.reshape(logits, (-1, C))
+            jv = self.backend.jvp(self.model, params, inputs, self.unflatten(V))
+            u = self._kernel(z, xp.reshape(jv, (V.shape[0], -1, C)))
+            g = self.flatten(vjp(xp.reshape(u, (V.shape[0], *logits.shape))))
+            top = xp.max(z, axis=-1)
+            ok = xp.all(xp.isfinite(top)) if self.likelihood == "softmax" else xp.all(xp.isfinite(z))
+            return g, xp.stack([xp.astype(~ok, z.dtype), xp.asarray(z.shape[0], dtype=z.dtype)])
+
+        key = ("spectral.product", self.backend, self.model, self.likelihood, self.bound, self.rank,
+               tuple(self.names), tuple(self.shapes), str(self.dtype))
+        try:
+            hash(key)
+            step = comp(product, key=key)
+            acc, flags = None, []
+            for b in range(len(self.batches)):
+                g, f = step(self.params, self.batches[b][0], V)
+                acc = g if acc is None else acc + g
+                flags.append(f)
+        except Exception:  # noqa: BLE001 - a model or batch the step cannot take: the eager pass decides
+            return None
+        flags = np.asarray(_to_numpy(xp.stack(flags)))  # one sync per pass
+        if flags[:, 0].any():
+            return None
+        return acc, int(flags[:, 1].sum())
+
+    def _eager_matmat(self, V: Array):
+        xp = self.xp
+        K = V.shape[0]
         tangents = self.unflatten(V)
         acc, n_inputs = None, 0
         for b in range(len(self.batches)):
@@ -198,14 +254,7 @@ class FisherOperator:
             g = self.flatten(vjp(xp.reshape(u, (K, *logits.shape))))
             acc = g if acc is None else acc + g
             n_inputs += z.shape[0]
-        self.n_inputs = n_inputs
-        if self.reduction == "mean":
-            acc = acc / n_inputs
-        self.products += K
-        self.passes += 1
-        if self.on_pass is not None:
-            self.on_pass()
-        return acc[0, :] if single else acc
+        return acc, n_inputs
 
     def _forward(self, b: int):
         hit = self._cached.get(b)
