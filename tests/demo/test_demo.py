@@ -76,7 +76,9 @@ def test_report_numbers(reports, backend):
         m = s["methods"][key]
         assert m["stderr_kind"] == "probes"
         assert m["median_rel_error"] < 1.25 * bound, (key, m["median_rel_error"])
-        assert m["within_2se"] > 0.85, (key, m["within_2se"])
+        # Entries share their probes, so the fraction moves together across a draw: over seeds
+        # 0-2 it ranged 0.85-0.95 (torch and JAX); an error bar too small by half gives ~0.68.
+        assert m["within_2se"] > 0.8, (key, m["within_2se"])
         # The error falls with the number of probes.
         errors = [e for _, e in m["curve"]]
         assert errors[-1] < 0.6 * errors[0], (key, errors)
