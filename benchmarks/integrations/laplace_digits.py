@@ -17,7 +17,6 @@ default subset).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -125,8 +124,7 @@ def main(argv=None) -> dict:
              "|---|---:|---:|---:|---:|---:|"]
 
     def ms(vals, scale=1.0, digits=3):
-        a = scale * np.asarray(vals)
-        return f"{a.mean():.{digits}f} ± {a.std(ddof=1):.{digits}f}" if len(a) > 1 else f"{a.mean():.{digits}f}"
+        return S.mean_sd(vals, scale, digits)
 
     for k in keys:
         if "nll" not in runs[0][k]:  # a reference backend: its fit time and H only
@@ -139,13 +137,7 @@ def main(argv=None) -> dict:
         lines.append(f"| {k} | {ms([r[k]['nll'] for r in runs])} | {ms([r[k]['ece'] for r in runs], 100, 1)} | "
                      f"{ms([r[k]['acc'] for r in runs], 100, 1)} | {prior} | {fit} |")
     table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        res = HERE / "results"
-        res.mkdir(exist_ok=True)
-        (res / "laplace_digits.md").write_text(table + "\n")
-        (res / "laplace_digits.json").write_text(json.dumps(runs, indent=1))
-        print(f"wrote {res / 'laplace_digits.md'}")
+    S.write("laplace_digits", table, runs, None, args, results=HERE / "results")
     return {"runs": runs, "table": table}
 
 

@@ -16,7 +16,6 @@ Reported: task-1 held-out accuracy before and after task 2 (forgetting) and task
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -145,13 +144,7 @@ def main(argv=None) -> dict:
                  "exact": "EWC, exact Fisher of task 1"}[name]
         lines.append(f"| {label} | {lam} | {ms(a1)} | {ms(forget)} | {ms(a2)} |")
     table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        res = HERE / "results"
-        res.mkdir(exist_ok=True)
-        (res / "trainer_ewc.md").write_text(table + "\n")
-        (res / "trainer_ewc.json").write_text(json.dumps(runs, indent=1))
-        print(f"wrote {res / 'trainer_ewc.md'}")
+    S.write("trainer_ewc", table, runs, None, args, results=HERE / "results")
     return {"runs": runs, "table": table}
 
 

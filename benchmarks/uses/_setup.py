@@ -138,18 +138,22 @@ def setup_threads() -> None:
     torch.set_num_threads(1)  # a shared 2-core machine: one thread per run
 
 
-def write(name: str, table: str, data: dict, fig, args) -> None:
+def write(name: str, table: str, data: dict, fig, args, results: Path = RESULTS) -> None:
+    """Print ``table``; unless ``--no-write``, save it and ``data`` under ``results`` (and ``fig``, if any)."""
     print(table)
     if args.no_write:
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(table + "\n")
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
-    fig.savefig(FIGURES / f"uses_{name}.png", dpi=110, bbox_inches="tight")
-    print(f"wrote {RESULTS / (name + '.md')} and {FIGURES / ('uses_' + name + '.png')}")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.md").write_text(table + "\n")
+    (results / f"{name}.json").write_text(json.dumps(data, indent=1))
+    print(f"wrote {results / (name + '.md')}")
+    if fig is not None:
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        fig.savefig(FIGURES / f"uses_{name}.png", dpi=110, bbox_inches="tight")
+        print(f"wrote {FIGURES / ('uses_' + name + '.png')}")
 
 
-def mean_sd(values) -> str:
-    a = np.asarray(values, dtype=np.float64)
-    return f"{100 * a.mean():.1f} ± {100 * a.std(ddof=1):.1f}" if len(a) > 1 else f"{100 * a.mean():.1f}"
+def mean_sd(values, scale: float = 100.0, digits: int = 1) -> str:
+    """"mean ± sd" over seeds of ``scale · values`` (a percentage by default)."""
+    a = scale * np.asarray(values, dtype=np.float64)
+    return f"{a.mean():.{digits}f} ± {a.std(ddof=1):.{digits}f}" if len(a) > 1 else f"{a.mean():.{digits}f}"
