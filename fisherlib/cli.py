@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     fis = sub.add_parser(
-        "fisher", help="compute the Fisher diagonal of a model over a dataset and write it to a file",
-        description="Compute diag F of a HuggingFace model directory or an importable torch module over "
+        "fisher", help="compute the Fisher diagonal (or K-FAC) of a model over a dataset and write it to a file",
+        description="Compute diag F (or its K-FAC factors) of a HuggingFace model directory or an importable torch module over "
                     "a dataset, with a progress bar, and write it to a .safetensors file (tensors named "
                     "as the model's parameters, value and stderr/<name>, the provenance in the header) "
                     "or a .npz file. Nothing is downloaded.")
@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     fis.add_argument("--out", default="fisher.safetensors", help="output file (default fisher.safetensors)")
     fis.add_argument("--method", choices=("hutchinson", "exact", "mc", "empirical"), default="hutchinson",
                      help="estimator (default hutchinson; empirical needs labels)")
+    fis.add_argument("--structure", choices=("diag", "kfac", "ekfac"), default="diag",
+                     help="the Fisher's diagonal (default), or its Kronecker factors per layer (K-FAC, EK-FAC: "
+                          "kron/<layer>/A and kron/<layer>/G in the file)")
+    fis.add_argument("--kfac-approx", choices=("expand", "reduce"), default="expand",
+                     help="K-FAC's treatment of positions (default expand)")
     fis.add_argument("--probes", type=_positive, default=1, help="probes K per batch (default 1)")
     fis.add_argument("--batch-size", type=_positive, default=32, help="inputs per batch (default 32)")
     fis.add_argument("--max-inputs", type=_positive, default=None, help="use only the first N inputs")

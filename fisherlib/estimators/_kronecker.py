@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core import kronecker
 from ..core._compat import array_namespace, device
-from ._estimate import _bound_stderr, _join_draws, _like, _npz_path, _to_numpy
+from ._estimate import _bound_stderr, _is_safetensors, _join_draws, _like, _npz_path, _to_numpy
 from ._kfac import KroneckerBlock
 
 Array = Any
@@ -357,8 +357,17 @@ class KroneckerEstimate:
         basis = None if self.basis is None else [[None if q is None else _to_numpy(q) for q in p] for p in self.basis]
         return replace(self, parts=[_to_numpy(x) for x in self.parts], basis=basis, _tree=None, _leaves_of=None)
 
-    def save(self, path) -> None:
-        """Write to ``.npz`` (arrays plus JSON metadata; no pickle), as :meth:`FisherEstimate.save`."""
+    def save(self, path, *, parts: bool = False) -> None:
+        """Write to ``.npz`` (arrays plus JSON metadata; no pickle), as :meth:`FisherEstimate.save`.
+
+        A path ending in ``.safetensors`` writes that format (``kron/<layer>/A``, ``kron/<layer>/G``
+        and their errors, the fallback leaves' diagonals, the provenance in the header:
+        :mod:`fisherlib.integrations.safetensors`); ``parts`` there also writes the per-probe sums.
+        """
+        if _is_safetensors(path):
+            from ..integrations import safetensors as _st
+
+            return _st.save(self, path, parts=parts)
         meta = {k: getattr(self, k) for k in _META}
         meta.update(kind="kronecker", names=self.names, shapes=[list(s) for s in self.shapes],
                     blocks=[b.to_dict() for b in self.blocks], fallback=self.fallback,
@@ -371,8 +380,21 @@ class KroneckerEstimate:
         np.savez(path, __meta__=np.asarray(json.dumps(meta)), **arrays)
 
     @classmethod
-    def load(cls, path) -> KroneckerEstimate:
-        """Read an estimate written by :meth:`save` (NumPy arrays)."""
+    def load(cls, path, *, model=None) -> KroneckerEstimate:
+        """Read an estimate written by :meth:`save` (NumPy arrays); ``.npz`` or ``.safetensors``.
+
+        With ``model`` (a torch module or parameter tree), leaf names or shapes that differ from
+        the model's parameters are a ``ValueError`` that lists the differences.
+        """
+        if _is_safetensors(path) or model is not None:
+            from ..integrations import safetensors as _st
+
+            est = _st.load(path) if _is_safetensors(path) else cls.load(path)
+            if not isinstance(est, cls):
+                raise ValueError(f"path: {path!s} holds a {type(est).__name__}, not a KroneckerEstimate")
+            if model is not None:
+                _st.check_against(est, model)
+            return est
         with np.load(_npz_path(path), allow_pickle=False) as f:
             meta = json.loads(str(f["__meta__"]))
             if meta.pop("kind", None) != "kronecker":

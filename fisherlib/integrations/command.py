@@ -158,15 +158,17 @@ def run(args) -> int:
     if args.dtype == "float64":
         batches = [_double(b) for b in batches]
     t0 = time.perf_counter()
+    kron = {} if args.structure == "diag" else {"structure": args.structure, "kfac_approx": args.kfac_approx}
     est = fisherlib.fisher(model, None, batches, method=args.method, probes=args.probes, seed=args.seed,
-                           reduction=args.reduction, progress=not args.no_progress)
+                           reduction=args.reduction, progress=not args.no_progress, **kron)
     seconds = time.perf_counter() - t0
     out = args.out
     est.save(out)
     if not out.endswith((".safetensors", ".npz")):
         out += ".npz"
     total = sum(float(v.sum()) for v in est.value.values()) if hasattr(est.value, "values") else float("nan")
-    print(f"fisherlib fisher: {est.method} diag F over {est.n_inputs} inputs ({est.n_outputs} outputs), "
+    what = "diag F" if args.structure == "diag" else f"{args.structure.upper()} F ({len(est.blocks)} layers)"
+    print(f"fisherlib fisher: {est.method} {what} over {est.n_inputs} inputs ({est.n_outputs} outputs), "
           f"{len(est.names)} parameter tensors, trace {total:.6g}, {seconds:.1f} s -> {out}")
     return 0
 

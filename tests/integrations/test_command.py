@@ -42,6 +42,19 @@ def test_torch_module_over_importable_batches(tmp_path):
         np.testing.assert_allclose(est.value[k], ref.value[k].numpy(), rtol=1e-12)
 
 
+def test_kronecker_factors_to_a_file(tmp_path, capsys):
+    out = tmp_path / "k.safetensors"
+    rc = cli.main(["fisher", "tests.integrations._cli_models:make_net", "--data", "tests.integrations._cli_models:batches",
+                   "--out", str(out), "--structure", "kfac", "--method", "exact", "--no-progress"])
+    assert rc == 0 and "exact KFAC F (2 layers) over 18 inputs" in capsys.readouterr().out
+    net = _cli_models.make_net()
+    est = fisherlib.KroneckerEstimate.load(out, model=net)
+    ref = fisherlib.fisher(net, None, _cli_models.batches(), structure="kfac", method="exact")
+    for b in ref.blocks:
+        for role in ("A", "G"):
+            np.testing.assert_allclose(est.factors[b.name][role], ref.factors[b.name][role].numpy(), rtol=1e-12)
+
+
 def _bert_dir(tmp_path):
     transformers = pytest.importorskip("transformers")
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "very", "not", "a"]

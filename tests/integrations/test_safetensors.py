@@ -136,7 +136,7 @@ def test_bad_input(tmp_path):
     est = fisherlib.fisher(_net(), None, [_x()], structure="sketch", probes=2)
     with pytest.raises(ValueError, match="est: a low-rank sketch"):
         est.save(tmp_path / "s.safetensors")
-    with pytest.raises(TypeError, match="est: expected a FisherEstimate"):
+    with pytest.raises(TypeError, match="est: expected one of \\['FisherEstimate', 'KroneckerEstimate'\\]"):
         fst.save({"w": np.zeros(2)}, tmp_path / "x.safetensors")
     import safetensors.numpy
 
@@ -144,8 +144,104 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="not a fisherlib.fisher/1 file"):
         FisherEstimate.load(tmp_path / "plain.safetensors")
     exact = fisherlib.fisher(_net(), None, [_x()], structure="blocks", method="exact")
-    with pytest.raises(ValueError, match="only a diagonal estimate"):
+    with pytest.raises(ValueError, match="only a diagonal or Kronecker-factored estimate"):
         fst.check_against(exact, _net())
+
+
+# --------------------------------------------------------------------------- Kronecker factors
+
+
+def _kron_net():
+    """A dense layer with bias, one without, and a LayerNorm that K-FAC leaves to its diagonal."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(),
+                               torch.nn.Linear(5, 3, bias=False)).double()
+
+
+def _kfac(x, **kw):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fisherlib.KroneckerFallbackWarning)
+        return fisherlib.fisher(_kron_net(), None, [(x, torch.arange(x.shape[0]) % 3)], **kw)
+
+
+KRON_CASES = [dict(method="exact"), dict(probes=1), dict(probes=4), dict(method="empirical"),
+              dict(probes=3, reduction="mean"), dict(structure="ekfac", method="exact"),
+              dict(structure="ekfac", probes=2), dict(kfac_approx="reduce", probes=2)]
+
+
+@pytest.mark.parametrize("kw", KRON_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_kronecker_round_trip_keeps_factors_errors_and_products(tmp_path, kw):
+    est = _kfac(_x(), seed=7, **{"structure": "kfac", **kw})
+    path = tmp_path / "k.safetensors"
+    est.save(path)
+    back = fisherlib.KroneckerEstimate.load(path)
+    assert isinstance(back, fisherlib.KroneckerEstimate)
+    for b in est.blocks:
+        for role, f in est.factors[b.name].items():
+            np.testing.assert_allclose(back.factors[b.name][role], _np(f), rtol=1e-14, atol=1e-300)
+            np.testing.assert_allclose(back.factor_stderr[b.name][role], _np(est.factor_stderr[b.name][role]),
+                                       rtol=1e-14, atol=1e-300)
+    for n in est.names:
+        np.testing.assert_allclose(back.value[n], _np(est.value[n]), rtol=1e-14)
+    for n in est.fallback:
+        np.testing.assert_allclose(back.stderr[n], _np(est.stderr[n]), rtol=1e-14)
+    v = np.random.default_rng(0).normal(size=est.n_params)
+    np.testing.assert_allclose(back.solve(v, 0.1), _np(est.solve(torch.as_tensor(v), 0.1)), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(back.logdet(0.1), float(est.logdet(0.1)), rtol=1e-12)
+    for attr in ("method", "structure", "setting", "reduction", "n_inputs", "n_outputs", "n_probes", "seed",
+                 "draws", "stderr_kind", "names", "shapes", "fallback", "blocks", "dist"):
+        assert getattr(back, attr) == getattr(est, attr), attr
+
+
+def test_kronecker_readable_with_safetensors_alone(tmp_path):
+    from safetensors import safe_open
+
+    est = _kfac(_x(), structure="kfac", probes=2, seed=3)
+    path = str(tmp_path / "k.safetensors")
+    est.save(path)
+    with safe_open(path, framework="pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+        A, G = f.get_tensor("kron/0/A"), f.get_tensor("kron/0/G")
+    assert keys == {"kron/0/A", "kron/0/G", "stderr/kron/0/G", "kron/3/A", "kron/3/G", "stderr/kron/3/G",
+                    "1.weight", "1.bias", "stderr/1.weight", "stderr/1.bias"}
+    assert A.shape == (1, 5, 5) and G.shape == (1, 5, 5)  # 4 inputs + the bias; 5 outputs
+    assert meta["type"] == "KroneckerEstimate" and meta["structure"] == "kfac" and meta["probes"] == "2"
+    # The layer's Fisher block, F ≈ A ⊗ G in the core layout (bias last), from the file alone.
+    torch.testing.assert_close(A[0, :4, :4], est.factors["0"]["A"][0, :4, :4], rtol=0, atol=0)
+    torch.testing.assert_close(G, est.factors["0"]["G"], rtol=0, atol=0)
+
+
+def test_kronecker_loaded_estimates_merge_like_the_originals(tmp_path):
+    """Uneven batches: A's merge weighs each file's mean by its count, which the header keeps."""
+    x = _x(19)
+    a = _kfac(x[:12], structure="kfac", probes=3, seed=5, first_batch=0)
+    b = _kfac(x[12:], structure="kfac", probes=3, seed=5, first_batch=1)
+    a.save(tmp_path / "a.safetensors")
+    b.save(tmp_path / "b.safetensors")
+    both = fst.load(tmp_path / "a.safetensors").merge(fst.load(tmp_path / "b.safetensors"))
+    ref = a.merge(b)
+    for blk in ref.blocks:
+        for role in ("A", "G"):
+            np.testing.assert_allclose(both.factors[blk.name][role], _np(ref.factors[blk.name][role]), rtol=1e-12)
+    assert both.n_inputs == 19 and both.draws == ((5, 0, 2),)
+    fst.save(b, tmp_path / "b.safetensors", parts=True)
+    back = fst.load(tmp_path / "b.safetensors")  # with parts: the per-probe sums themselves
+    for x0, x1 in zip(back.parts, b.parts):
+        np.testing.assert_array_equal(np.asarray(x0), _np(x1))
+
+
+def test_kronecker_loading_against_a_different_model(tmp_path):
+    est = _kfac(_x(), structure="kfac", method="exact")
+    est.save(tmp_path / "k.safetensors")
+    fisherlib.KroneckerEstimate.load(tmp_path / "k.safetensors", model=_kron_net())
+    with pytest.raises(ValueError, match=r"the model has parameters the estimate lacks: \['2.weight', '2.bias'\]"):
+        fisherlib.KroneckerEstimate.load(tmp_path / "k.safetensors", model=_net())
+    plain = fisherlib.fisher(_net(), None, [_x()], method="exact")
+    plain.save(tmp_path / "d.safetensors")
+    with pytest.raises(ValueError, match="holds a FisherEstimate, not a KroneckerEstimate"):
+        fisherlib.KroneckerEstimate.load(tmp_path / "d.safetensors")
 
 
 def test_integrations_import_their_libraries_lazily():
