@@ -10,7 +10,10 @@
 - :class:`NaturalGradient` (a ``torch.optim.Optimizer``) and :func:`natural_gradient` (an
   ``optax.GradientTransformation``) use the training step's own backward pass for the Fisher
   (:class:`fisherlib.estimators.RunningFisher`). They are loaded on first use, so that importing
-  this package imports neither torch nor optax.
+  this package imports neither torch nor optax;
+- ``NaturalGradient(model, preconditioner="sophia")`` (:class:`FisherSophia`) and :func:`sophia`
+  (optax): Sophia's clipped diagonal step with the running Fisher diagonal refreshed every k steps,
+  a drop-in after a plain ``loss.backward()``.
 
 See ``docs/natural-gradient.md``.
 """
@@ -23,7 +26,7 @@ from ._kronecker import KroneckerCurvature
 from ._precondition import KINDS, Curvature, precondition
 from ._solve import arrowhead, dense, diagonal, ollivier, unit_blocks, woodbury
 
-# NaturalGradient (torch), natural_gradient and value_grad_and_probes (optax) load on first use
+# NaturalGradient and FisherSophia (torch), natural_gradient, sophia and value_grad_and_probes (optax) load on first use
 # and stay out of __all__, so that a star import needs neither torch nor optax.
 __all__ = ["KINDS", "Curvature", "KroneckerCurvature", "LevenbergMarquardt", "arrowhead", "dense", "diagonal",
            "lr_from_lambda_max", "ollivier", "precondition", "Preconditioner", "unit_blocks", "woodbury"]
@@ -34,6 +37,14 @@ def __getattr__(name: str):
         from ._torch_optim import NaturalGradient
 
         return NaturalGradient
+    if name == "FisherSophia":
+        from ._sophia import FisherSophia
+
+        return FisherSophia
+    if name == "sophia":
+        from ._sophia_optax import sophia
+
+        return sophia
     if name == "kfac_natural_gradient":
         from ._kronecker_optax import kfac_natural_gradient
 

@@ -101,7 +101,7 @@ def scaled_step(grads: Any, d: Any, lr: Any, kl_clip: float | None, momentum: fl
 def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "ollivier", damping: float = 1e-2,
                      decay: float | None = 0.95, momentum: float = 0.0, kl_clip: float | None = 1e-2,
                      unit_solve: str = "auto", pinv: bool = False, relative_damping: bool = False,
-                     kfac: Any = None) -> optax.GradientTransformationExtraArgs:
+                     kfac: Any = None, **sophia_options: Any) -> optax.GradientTransformationExtraArgs:
     r"""Natural-gradient steps −η·(F̃ + λI)⁻¹ g as an optax transformation.
 
     ``update(grads, state, params=None, *, probe_grads=None, n=None)``: with ``probe_grads``
@@ -120,6 +120,10 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
         factors instead of the running estimate (:func:`kfac_natural_gradient`, docs/kfac.md):
         pass a first ``kfac=fisher(f, params, batch, structure="kfac", reduction="mean")`` and,
         at each refresh, ``update(..., kfac=<the refresh batch's estimate>)``.
+        ``preconditioner="sophia"``: Sophia's clipped diagonal step with the running Fisher
+        diagonal (:func:`~fisherlib.natural.sophia`, which takes ``sophia_options``: ``betas``,
+        ``gamma``, ``eps``, ``weight_decay``, ``mask``, ``stderr``; the solve options here are
+        then an error).
     relative_damping : bool
         λ_l = ``damping`` · mean diag F̃ over each leaf (see :class:`~fisherlib.natural.NaturalGradient`).
     decay : float or None
@@ -138,6 +142,20 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
     in between only apply them (dense blocks: a Cholesky factor, then two triangular solves per
     step instead of an LU solve).
     """
+    if preconditioner == "sophia":  # Sophia's clipped diagonal step, not a damped solve
+        from ._sophia_checks import UNUSED
+        from ._sophia_optax import sophia
+
+        given = dict(damping=(damping, 1e-2), decay=(decay, 0.95), momentum=(momentum, 0.0), kl_clip=(kl_clip, 1e-2),
+                     unit_solve=(unit_solve, "auto"), pinv=(pinv, False), relative_damping=(relative_damping, False),
+                     kfac=(kfac, None))
+        for name, (value, default) in given.items():
+            if value != default:
+                raise TypeError(f"{name}: not an option of preconditioner='sophia' ({UNUSED[name]})")
+        return sophia(learning_rate, **sophia_options)
+    if sophia_options:
+        raise TypeError(f"{sorted(sophia_options)[0]}: unexpected keyword argument of natural_gradient "
+                        f"(preconditioner={preconditioner!r}; betas, gamma, eps, ... are preconditioner='sophia''s)")
     if preconditioner == "kfac":  # Kronecker factors from fisher(structure="kfac"), not the running diagonal
         if kfac is None:
             raise ValueError("kfac: preconditioner='kfac' needs a first K-FAC estimate, "
@@ -147,7 +165,7 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
         return kfac_natural_gradient(learning_rate, kfac, damping=damping, decay=0.0 if decay is None else decay,
                                      momentum=momentum, kl_clip=kl_clip)
     if preconditioner not in KINDS:
-        raise ValueError(f"preconditioner: expected one of {KINDS + ('kfac',)}, got {preconditioner!r}")
+        raise ValueError(f"preconditioner: expected one of {KINDS + ('kfac', 'sophia')}, got {preconditioner!r}")
     if kfac is not None:
         raise ValueError(f"kfac: only used with preconditioner='kfac', got preconditioner={preconditioner!r}")
     if unit_solve not in UNIT_SOLVES:

@@ -44,6 +44,10 @@ class NaturalGradient(torch.optim.Optimizer):
         ``fisher(structure="kfac")`` batch every ``refresh`` steps (a forward and a batched
         backward of K probes, the model in eval mode), kept as an EMA, and inverted through
         their eigendecompositions, cached between refreshes (:class:`KroneckerCurvature`).
+        "sophia": Sophia's clipped diagonal step with the running Fisher diagonal refreshed every
+        k steps, a drop-in after a plain ``loss.backward()`` with parameter groups and a
+        GradScaler; it takes its own options (``betas``, ``gamma``, ``eps``, ``params``, ...) and
+        returns a :class:`~fisherlib.natural.FisherSophia` (a subclass).
     damping : float
         λ (the initial λ with ``adapt_damping``); with ``relative_damping`` a factor ρ.
     relative_damping : bool
@@ -93,6 +97,15 @@ class NaturalGradient(torch.optim.Optimizer):
     ``state_dict()`` holds the Fisher estimate, the damping and the momentum buffers.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # preconditioner="sophia" is Sophia's clipped diagonal step (fisherlib.natural._sophia), a
+        # subclass: a drop-in after loss.backward(), with parameter groups, unlike the solves here.
+        if cls is NaturalGradient and kwargs.get("preconditioner") == "sophia":
+            from ._sophia import FisherSophia
+
+            return super().__new__(FisherSophia)
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module, lr: float | Callable[[], float] = 0.1, *, preconditioner: str = "ollivier",
                  damping: float = 1e-2, relative_damping: bool = False, adapt_damping: bool = False,
                  decay: float | None = 0.95, probes: int = 1, refresh: int = 10, momentum: float = 0.0,
@@ -101,7 +114,7 @@ class NaturalGradient(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if preconditioner not in KINDS + ("kfac",):
-            raise ValueError(f"preconditioner: expected one of {KINDS + ('kfac',)}, got {preconditioner!r}")
+            raise ValueError(f"preconditioner: expected one of {KINDS + ('kfac', 'sophia')}, got {preconditioner!r}")
         if preconditioner == "kfac" and curvature is not None:
             raise ValueError("curvature: preconditioner='kfac' estimates its own factors; leave curvature=None")
         if unit_solve not in UNIT_SOLVES:
