@@ -207,6 +207,32 @@ def _make(entry: _Entry, options: dict) -> Backend:
     return backend
 
 
+# -- classes that carry state through framework transformations -------------------------------
+
+STATE_CLASSES: list[type] = []  # read by adapters on import (jax: registered as pytrees)
+
+
+def state_class(cls: type) -> None:
+    """Let the adapters of imported frameworks know ``cls``, a class whose instances carry arrays
+    (``cls._tree_flatten()`` -> (children, static aux); ``cls._tree_unflatten(aux, children)``).
+
+    An adapter module that defines ``register_state_class(cls)`` (JAX: a pytree node, so that the
+    object passes in and out of ``jax.jit``) gets ``cls`` now if loaded, and every recorded class
+    when it loads. Adapters of frameworks already in ``sys.modules`` are loaded here; nothing is
+    imported otherwise. Cheap to repeat (RunningFisher calls it per instance).
+    """
+    new = cls not in STATE_CLASSES
+    if new:
+        STATE_CLASSES.append(cls)
+    for entry in _BUILTINS:
+        module = entry.target.partition(":")[0]
+        loaded = sys.modules.get(module)
+        if loaded is None and entry.requires in sys.modules:
+            importlib.import_module(module)  # registers every recorded class on import
+        elif loaded is not None and new and hasattr(loaded, "register_state_class"):
+            loaded.register_state_class(cls)
+
+
 # -- inference from arrays ---------------------------------------------------------------------
 
 

@@ -407,3 +407,27 @@ class JaxBackend:
         else:
             self._steps.move_to_end(key)
         return hit
+
+
+# -- classes that carry state arrays (fisherlib.backends._registry.state_class) ---------------------
+
+_STATE_REGISTERED: set[type] = set()
+
+
+def register_state_class(cls: type) -> None:
+    """Make ``cls`` (e.g. :class:`~fisherlib.estimators.RunningFisher`) a pytree: its arrays are
+    the children, everything else static, so that an instance passes in and out of ``jax.jit``."""
+    if cls in _STATE_REGISTERED:
+        return
+    jax.tree_util.register_pytree_node(cls, lambda obj: obj._tree_flatten(), cls._tree_unflatten)
+    _STATE_REGISTERED.add(cls)
+
+
+def _register_recorded() -> None:
+    from ._registry import STATE_CLASSES
+
+    for cls in list(STATE_CLASSES):
+        register_state_class(cls)
+
+
+_register_recorded()

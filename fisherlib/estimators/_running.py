@@ -39,7 +39,8 @@ import numpy as np
 from .. import backends as _backends
 from ..core import cotangents
 from ..core._compat import array_namespace, device, is_eager
-from ._seeds import derive
+from ..backends._registry import state_class
+from ._seeds import derive, derive_array
 from ._units import STRUCTURES, Layout, Unit, from_units, layout, to_units, units
 
 Array = Any
@@ -233,6 +234,12 @@ class RunningFisher:
 
     Notes
     -----
+    Under JAX the estimate is a pytree (its state's arrays the leaves): pass it into your own
+    jitted training step and return it (``rf, loss, g = train(rf, ...)`` with
+    ``loss, g = rf.step(...)`` inside); the probes' seed follows the traced step count, so the
+    steps equal the eager ones. A jitted function that captures an estimate holding a state,
+    rather than taking it as an argument, raises an error: later calls would not count.
+
     Cost per step: the forward pass of the training step and the backward of 1 + K cotangents
     through its graph (JAX ``vmap`` of the pullback; torch one ``autograd.grad`` per row on a CPU,
     ``is_grads_batched`` elsewhere), plus O(N·C) for the cotangents and two in-place passes over
@@ -275,6 +282,23 @@ class RunningFisher:
         self.layout: Layout | None = None
         self.state: dict | None = None
         self._unit = 1.0  # eager state: m = M·unit, s = S·unit (fold_scaled)
+        self._shared = _Shared()  # compiled functions, shared with the copies a jit trace makes
+        state_class(type(self))  # JAX: a pytree, passed in and out of the caller's jax.jit
+
+    # -- a pytree (JAX): the state's arrays are the leaves, everything else is static ---------
+
+    def _tree_flatten(self):
+        aux = (self.structure, self.probes, self.decay, self.dist, self.seed, self.likelihood, self.backend,
+               self.keep_stderr, self.ignore_index, self.layout, self._unit, self._shared)
+        return (self.state,), aux
+
+    @classmethod
+    def _tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        (obj.structure, obj.probes, obj.decay, obj.dist, obj.seed, obj.likelihood, obj.backend, obj.keep_stderr,
+         obj.ignore_index, obj.layout, obj._unit, obj._shared) = aux
+        obj.state = children[0]
+        return obj
 
     # -- the training step --------------------------------------------------------------------
 
@@ -313,7 +337,7 @@ class RunningFisher:
         xp = array_namespace(z)
         N, C = z.shape
         K = self.probes if update else 0
-        xi = (be.probes(_step_seed(self.seed, self.steps), (K, N, C), self.dist, like=z) if update
+        xi = (be.probes(self._step_seed(), (K, N, C), self.dist, like=z) if update
               else xp.zeros((0, N, C), dtype=z.dtype, device=device(z)))
         if loss is None and sigmoid:
             value, ct_loss, hut = self._fn(be, "train-sigmoid", _sigmoid_training_cotangents)(z, y, xi)
@@ -363,8 +387,8 @@ class RunningFisher:
         if getattr(be, "compile", None) is None or params is None:
             return None
         named = be.leaves(params)
-        if not named or not is_eager(named[0][1]):
-            return None  # inside the caller's jit: the eager path traces into it
+        if not named:
+            return None
         if targets is not None and not hasattr(targets, "shape"):
             targets = np.asarray(targets)
         first = self.state is None
@@ -373,18 +397,32 @@ class RunningFisher:
         opts = (self.probes, self.dist, self.decay, self.ignore_index)
         fn = self._fn(be, ("whole", model, tuple(lay.names), tuple(lay.shapes)), lambda p, x, y, st, s: _whole(be, model, lay, opts, p, x, y, st, s))
         try:
-            value, grads, new, flags = fn(params, inputs, targets, state, np.uint32(_step_seed(self.seed, self.steps)))
+            seed = self._step_seed()
+            value, grads, new, flags = fn(params, inputs, targets, state, np.uint32(seed) if isinstance(seed, int) else seed)
         except Exception:  # noqa: BLE001 - the eager path takes the step and raises its own error
             return None
+        if not is_eager(flags):  # inside the caller's jit (traced inputs or state): no value checks
+            self._keep(lay, new)
+            return value, grads
         bad_targets, none_counted, like_probs = (bool(v) for v in np.asarray(flags))  # one sync
         if bad_targets or none_counted or (first and like_probs):
             return None  # the eager path: its error, or (first step) its warning
         self.layout, self.state = lay, new
         return value, grads
 
+    def _step_seed(self):
+        """The seed of this step's probes, derived from (seed, steps so far): an int, or under the
+        caller's jit (a traced step count) the same 32-bit value as a traced uint32 scalar."""
+        if self.state is None:
+            return _step_seed(self.seed, 0)
+        t = self.state["t"]
+        if is_eager(t):
+            return _step_seed(self.seed, int(t))
+        return derive_array(self.seed, t, 7)
+
     def _fn(self, be, key, fn):
         """``fn``, compiled once by the adapter when it offers ``compile`` (JAX: ``jax.jit``)."""
-        cache = self.__dict__.setdefault("_compiled", {})
+        cache = self._shared.compiled
         if key not in cache:
             comp = getattr(be, "compile", None)
             cache[key] = comp(fn) if comp is not None else fn
@@ -445,10 +483,21 @@ class RunningFisher:
             self._unit = unit
             return
         K = len(rows) if rows is not None else int(stacked[0].shape[0])
-        key = ("update", n, "rows" if rows is not None else "stacked", K)
-        fn = self._fn(backend, key, lambda st, ps: fold(lay, st, ps if rows is not None else _rows(ps), n, decay,
-                                                        probes=self.probes))
-        self.state = fn(self.state, rows if rows is not None else stacked)
+        key = ("update", "rows" if rows is not None else "stacked", K)  # n an argument: traced under the caller's jit
+
+        def update(st, ps, n):  # (JAX traces an int n as a scalar array: one compilation for every n)
+            if not isinstance(n, (int, float)):
+                n = array_namespace(st["w"]).astype(n, st["w"].dtype)
+            return fold(lay, st, ps if rows is not None else _rows(ps), n, decay, probes=self.probes)
+
+        self._keep(lay, self._fn(backend, key, update)(self.state, rows if rows is not None else stacked, n))
+
+    def _keep(self, lay, new):
+        """Take the new state; a traced one replacing a concrete one means this object was captured by
+        the caller's jitted function rather than passed through it: its steps could not persist."""
+        if self.state is not None and is_eager(self.state["t"]) and not is_eager(new["t"]):
+            raise RuntimeError(CAPTURED)
+        self.layout, self.state = lay, new
 
     def _backend(self, params):
         if self.backend is None or isinstance(self.backend, str):
@@ -498,6 +547,15 @@ class RunningFisher:
         if all(f"s/{k}" in a for k in self.layout.keys):
             self.state["s"] = {k: _copy(a[f"s/{k}"]) for k in self.layout.keys}
         self._unit = float(sd.get("unit", 1.0))
+
+
+class _Shared:
+    """What the copies of one estimate share (compiled functions); hashed by identity."""
+
+    __slots__ = ("compiled",)
+
+    def __init__(self):
+        self.compiled: dict = {}
 
 
 def _whole(be, model, lay, opts, params, inputs, targets, state, seed):
@@ -558,6 +616,12 @@ def _flat(logits):
     return xp.reshape(logits, (-1, logits.shape[-1]))
 
 
+CAPTURED = ("RunningFisher.step inside jax.jit: pass the estimate into the jitted function and return it (it is "
+            "a pytree): `def train(rf, params, x, y): loss, g = rf.step(f, params, x, y); return rf, loss, g`. An "
+            "estimate captured from outside the function would hold the trace's values, and later calls of the "
+            "compiled function run no Python, so its steps would not be counted")
+
+
 ONE_LOGIT = ("a model with one logit under likelihood='softmax' has a Fisher that is identically zero (the "
              "softmax of one logit is 1 whatever its value). For a binary classifier trained with BCE, or a "
              "model with one output per input, pass likelihood='sigmoid' (Bernoulli outputs), or give the "
@@ -612,8 +676,11 @@ def _labels(targets, z, ignore_index, lead=None):
         raise ValueError(f"targets: expected class indices of shape {want}, got {tuple(targets.shape)}")
     if not xp.isdtype(targets.dtype, "integral"):
         raise ValueError(f"targets: expected integer class indices, got dtype {targets.dtype}")
-    if not is_eager(targets):  # traced: no checks, every output counts
-        return targets, None, N
+    if not is_eager(targets):  # traced (the caller's jit): no checks; ignored outputs left out, their count traced
+        if ignore_index is None:
+            return targets, None, N
+        keep = targets != ignore_index
+        return xp.where(keep, targets, xp.zeros_like(targets)), keep, xp.sum(xp.astype(keep, z.dtype))
     keep = None if ignore_index is None else targets != ignore_index
     bad = (targets < 0) | (targets >= C)
     if keep is not None:
@@ -683,9 +750,11 @@ def _framework_targets(targets, z, ignore_index, lead=None):
     if lead is not None and len(lead) > 1 and type(targets) is type(z) and tuple(targets.shape) == lead:
         targets = xp.reshape(targets, (N,))
     if (ignore_index is None or type(targets) is not type(z) or tuple(targets.shape) != (N,)
-            or not xp.isdtype(targets.dtype, "integral") or not is_eager(targets)):
+            or not xp.isdtype(targets.dtype, "integral")):
         return None, N
     keep = targets != ignore_index
+    if not is_eager(keep):  # traced: the count stays traced
+        return keep, xp.sum(xp.astype(keep, z.dtype))
     _, counted = _counts(xp.zeros_like(keep), keep, N)
     if counted == 0:
         raise ValueError(f"targets: every target equals ignore_index={ignore_index}; no output counts")
