@@ -31,7 +31,8 @@ class NaturalGradientState(NamedTuple):
 
 
 def value_grad_and_probes(model: Callable, params: Any, inputs: Any, targets: Any, seed: Any, *,
-                          probes: int = 1, loss: Callable | None = None, likelihood: str = "softmax"):
+                          probes: int = 1, loss: Callable | None = None, likelihood: str = "softmax",
+                          when: Any = None):
     """(loss, gradient, probe gradients) from one forward and one batched pullback.
 
     ``loss=None``: mean cross-entropy against class indices ``targets`` (``likelihood="sigmoid"``:
@@ -43,9 +44,28 @@ def value_grad_and_probes(model: Callable, params: Any, inputs: Any, targets: An
     and the batch size to the transformation's ``update``. ``loss`` is differentiated with
     respect to the logits only: a penalty on the parameters (L2, EWC) adds its own gradient,
     ``grads = jax.tree_util.tree_map(jnp.add, grads, jax.grad(penalty)(params))``.
+
+    ``when`` (a boolean, traced under ``jax.jit``: ``state.count % 10 == 0``) pulls the probes
+    back only when true (``jax.lax.cond``) and otherwise returns zeros of the same shapes, so
+    that a training step with a refresh every few steps is one compiled function; pass the same
+    ``when`` as the transformation's ``update(..., refresh=when)``.
     """
     if likelihood not in ("softmax", "sigmoid"):
         raise ValueError(f"likelihood: expected 'softmax' or 'sigmoid', got {likelihood!r}")
+    if when is not None:
+        if probes == 0:
+            raise ValueError("when: needs probes > 0 (the refresh steps' probes)")
+
+        def probed():
+            return value_grad_and_probes(model, params, inputs, targets, seed, probes=probes, loss=loss,
+                                         likelihood=likelihood)
+
+        def plain():  # the loss and its gradient alone; the probe gradients' zeros are never pulled back
+            value, grads, _ = value_grad_and_probes(model, params, inputs, targets, seed, probes=0, loss=loss,
+                                                    likelihood=likelihood)
+            return value, grads, jax.tree_util.tree_map(lambda g: jnp.zeros((probes, *g.shape), g.dtype), grads)
+
+        return jax.lax.cond(jnp.asarray(when, dtype=bool), probed, plain)
     if loss is None and targets is None:
         raise ValueError(NO_TARGETS)
     be = _backends.get("jax")
@@ -104,9 +124,13 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
                      kfac: Any = None, **sophia_options: Any) -> optax.GradientTransformationExtraArgs:
     r"""Natural-gradient steps −η·(F̃ + λI)⁻¹ g as an optax transformation.
 
-    ``update(grads, state, params=None, *, probe_grads=None, n=None)``: with ``probe_grads``
-    (from :func:`value_grad_and_probes`, over ``n`` inputs) the Fisher's EMA is updated first;
-    without them (steps between refreshes) the last estimate is used.
+    ``update(grads, state, params=None, *, probe_grads=None, n=None, refresh=None)``: with
+    ``probe_grads`` (from :func:`value_grad_and_probes`, over ``n`` inputs) the Fisher's EMA is
+    updated and factorised first; without them (steps between refreshes) the kept factorisation
+    is applied. With ``refresh`` (a boolean, traced under ``jax.jit``, e.g.
+    ``state.count % 10 == 0``) the choice is ``jax.lax.cond``'s instead: pass ``probe_grads`` every
+    step (zeros between refreshes: ``value_grad_and_probes(..., when=refresh)``), and the whole
+    update, the refresh included, is one pure function that compiles once.
 
     Parameters
     ----------
@@ -191,14 +215,32 @@ def natural_gradient(learning_rate: float | Callable, *, preconditioner: str = "
         fisher = init_state(lay, leaves[0], stderr=False)
         return NaturalGradientState(jnp.zeros((), jnp.int32), fisher, mom, _factorise(lay, fisher).arrays())
 
-    def update(updates, state, params=None, *, probe_grads=None, n=None, **extra):
+    def refreshed(lay, fisher, probe_grads, n):
+        """The new estimate and its factorisation (F̃ + λI)⁻¹."""
+        if n is None:
+            raise ValueError("n: the batch size is needed with probe_grads")
+        if not isinstance(n, (int, float)):  # traced: in the estimate's dtype (no promotion)
+            n = jnp.asarray(n).astype(fisher["w"].dtype)
+        fisher = update_state(lay, fisher, [x for _, x in be.leaves(probe_grads)], n, decay)
+        return fisher, _factorise(lay, fisher)
+
+    def update(updates, state, params=None, *, probe_grads=None, n=None, refresh=None, **extra):
         lay = _layout(updates)
         fisher = state.fisher
-        if probe_grads is not None:  # refresh: factorise the new estimate, keep it in the state
-            if n is None:
-                raise ValueError("n: the batch size is needed with probe_grads")
-            fisher = update_state(lay, fisher, [x for _, x in be.leaves(probe_grads)], n, decay)
-            pre = _factorise(lay, fisher)
+        if refresh is not None:  # one program: lax.cond between the refresh and the kept factorisation
+            if probe_grads is None:
+                raise ValueError("probe_grads: update(refresh=...) needs the probe gradients every step "
+                                 "(zeros between refreshes: value_grad_and_probes(..., when=refresh))")
+
+            def fresh(f):
+                f, pre = refreshed(lay, f, probe_grads, n)
+                return f, pre.arrays()
+
+            fisher, factors = jax.lax.cond(jnp.asarray(refresh, dtype=bool), fresh, lambda f: (f, state.factors),
+                                           fisher)
+            pre = _factorise(lay, fisher).with_arrays(factors)  # (its own factorisation: dead code under jit)
+        elif probe_grads is not None:  # refresh: factorise the new estimate, keep it in the state
+            fisher, pre = refreshed(lay, fisher, probe_grads, n)
             factors = pre.arrays()
         else:  # between refreshes: apply the kept factorisation (what builds `pre` is dead code under jit)
             factors = state.factors
