@@ -42,7 +42,7 @@ class Backend(Protocol):
     the options) caches the compiled function, so that an equal key returns the first one's.
     Without it they run the same code eagerly. The step must trace: no values read on the host.
 
-    Two optional execution hints (no mathematics; estimators read them with ``getattr``):
+    Optional execution hints (no mathematics; estimators read them with ``getattr``):
 
     - ``vjp_fresh = True``: every array ``vjp`` returns is newly allocated, so an estimator may
       overwrite it (square a probe gradient in place instead of allocating g²). Absent or
@@ -51,6 +51,11 @@ class Backend(Protocol):
       may free the forward's saved state as its backward passes it, after which ``vjp`` is
       not called again; an estimator's last pull-back of a batch asks for it, so that its
       peak memory is a training step's (the torch adapter: ``docs/language-models.md``);
+    - ``probe_rows(seed, shape, dist, like) -> rows``: ``rows(a, b)`` gives
+      ``probes(seed, shape, dist, like)[:, a:b]`` (the same values) and ``rows.shape`` is
+      ``shape``, without holding the whole draw; the Hutchinson cotangent then forms its probes
+      a chunk of rows at a time (a language model's (K, N·T, V) signs; the torch adapter keeps
+      them as random bits). Used only where the class that defines it also defines ``probes``;
     - ``batched(like) -> bool``: whether K cotangents on ``like``'s device are faster pulled
       back in one call (True, the default when absent) or one call each
       (:class:`~fisherlib.estimators.RunningFisher` then never stacks the K + 1 gradients).

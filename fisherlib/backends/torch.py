@@ -322,11 +322,42 @@ class TorchBackend:
         kw = dict(generator=gen, dtype=like.dtype, device=like.device)
         if dist == "rademacher":  # eight signs per random byte, through a table of the 256 bytes' bits
             n = math.prod(shape)
-            byte = torch.randint(0, 256, (-(-n // 8),), generator=gen, device=like.device)
-            return _sign_table(like.dtype, like.device).index_select(0, byte).reshape(-1)[:n].reshape(shape)
+            return _signs(_sign_bytes(gen, n, like.device), 0, n, like).reshape(shape)
         if dist == "gaussian":
             return torch.randn(shape, **kw)
         return torch.rand(shape, **kw)
+
+    def probe_rows(self, seed: int, shape: tuple[int, ...], dist: str, like: torch.Tensor) -> Callable:
+        """``rows(a, b)`` = ``probes(seed, shape, dist, like)[:, a:b]``, without the whole array.
+
+        Rademacher signs are kept as their random bytes (one bit per sign: 1/32 of the float32
+        array) and expanded to ±1 a slice at a time, so that a caller going through the rows
+        in chunks (a language model's (K, N·T, V) probes: :func:`fisherlib.core.cotangents.by_rows`)
+        never holds them all; the values are those of :meth:`probes` with the same arguments.
+        Other distributions are drawn whole and sliced. ``rows.shape`` is ``shape``.
+        """
+        seed, shape, dist = check_seed(seed), check_shape(shape), check_dist(dist)
+        if len(shape) < 2:
+            raise ValueError(f"shape: probe_rows needs a leading probe axis and rows, got {shape}")
+        if dist != "rademacher":
+            whole = self.probes(seed, shape, dist, like)
+            return _Rows(shape, lambda a, b: whole[:, a:b, ...])
+        if not isinstance(like, torch.Tensor) or not like.is_floating_point():
+            raise TypeError(f"like: expected a floating torch tensor, got {getattr(like, 'dtype', type(like))}")
+        gen = torch.Generator(device=like.device)
+        gen.manual_seed(seed)
+        n = math.prod(shape)
+        data = _sign_bytes(gen, n, like.device)
+        per_probe, per_row = math.prod(shape[1:]), math.prod(shape[2:])
+
+        def rows(a: int, b: int) -> torch.Tensor:
+            if not 0 <= a <= b <= shape[1]:
+                raise ValueError(f"rows: expected 0 <= a <= b <= {shape[1]}, got {(a, b)}")
+            parts = [_signs(data, k * per_probe + a * per_row, k * per_probe + b * per_row, like)
+                     for k in range(shape[0])]
+            return (parts[0][None] if len(parts) == 1 else torch.stack(parts)).reshape(shape[0], b - a, *shape[2:])
+
+        return _Rows(shape, rows)
 
     def batched(self, like: torch.Tensor) -> bool:
         """Whether K cotangents on ``like``'s device go back in one batched call (``batch_probes``)."""
@@ -411,6 +442,31 @@ class TorchBackend:
             raise TypeError(f"loss: expected a scalar tensor, got {getattr(value, 'shape', type(value).__name__)}")
         (ct,) = torch.autograd.grad(value, z)
         return logits, value.detach(), ct, vjp
+
+@functools.lru_cache(maxsize=16)
+class _Rows:
+    """A draw by rows: ``rows(a, b)`` is rows a..b-1 (axis 1) of an array of ``shape``."""
+
+    def __init__(self, shape: tuple[int, ...], take: Callable):
+        self.shape, self._take = tuple(shape), take
+
+    def __call__(self, a: int, b: int) -> torch.Tensor:
+        return self._take(a, b)
+
+
+def _sign_bytes(gen: torch.Generator, n: int, device) -> torch.Tensor:
+    """The ⌈n/8⌉ random bytes of n Rademacher signs (uint8: the values int64 draws would hold)."""
+    return torch.randint(0, 256, (-(-n // 8),), generator=gen, device=device, dtype=torch.uint8)
+
+
+def _signs(data: torch.Tensor, e0: int, e1: int, like: torch.Tensor) -> torch.Tensor:
+    """Signs e0..e1-1 (flat) of the draw whose bytes are ``data``: bit e % 8 of byte e // 8, as ±1."""
+    if e1 <= e0:
+        return torch.empty(0, dtype=like.dtype, device=like.device)
+    byte = data[e0 // 8:(e1 - 1) // 8 + 1].to(torch.int32)
+    out = _sign_table(like.dtype, like.device).index_select(0, byte).reshape(-1)
+    return out[e0 % 8:e0 % 8 + (e1 - e0)]
+
 
 @functools.lru_cache(maxsize=16)
 def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:

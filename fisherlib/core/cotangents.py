@@ -23,7 +23,9 @@ of that size (p, √p, the sum's terms; sixteen in ``log_softmax``). :func:`hutc
 :func:`sample_labels` and :func:`label_residual` therefore go through the rows in chunks of at
 most ``ROWS`` entries of a stack and write each chunk into one output array, so that besides the
 logits and the probes only the result is logit-sized; the numbers are those of the one-piece
-computation (each row's arithmetic is the same). Where arrays cannot be written into (JAX,
+computation (each row's arithmetic is the same). The probes themselves can come as a draw by
+rows (:func:`by_rows`; the torch adapter's ``probe_rows`` keeps Rademacher signs as random
+bits, 1/32 of their float32 array): then the result is the only logit-sized array formed. Where arrays cannot be written into (JAX,
 whose ``jit`` fuses the temporaries away) the whole stack is computed at once.
 """
 
@@ -42,8 +44,12 @@ __all__ = ["by_rows", "column_source", "cross_entropy_and_hutchinson", "exact_co
 
 LIKELIHOODS = ("softmax", "sigmoid")
 
-ROWS = 1 << 22
-"""Entries (K × rows × C) of one chunk of a logit-sized cotangent stack formed at once."""
+ROWS = 1 << 18
+"""Entries (K × rows × C) of one chunk of a logit-sized cotangent stack formed at once.
+
+A chunk's temporaries (1 MB in float32) stay in a core's cache: at GPT-2 small's 50,257-token
+vocabulary (five positions a chunk) the Hutchinson cotangent took 0.39 s of CPU time for 4 × 512
+positions, against 0.64 s in chunks of 2²² entries (``docs/language-models.md``)."""
 
 
 def _likelihood(likelihood: str):
@@ -55,7 +61,8 @@ def _likelihood(likelihood: str):
 def hutchinson(z: Array, xi: Array, likelihood: str = "softmax") -> Array:
     """B(p̃) ξ for probes ``xi`` (K, N, C): unbiased for F once pulled back and squared.
 
-    Formed in chunks of rows (see the module's Notes on memory).
+    Formed in chunks of rows (see the module's Notes on memory). ``xi`` may also be a draw by
+    rows (:func:`by_rows`): then the probes, too, exist only a chunk at a time.
     """
     return by_rows(_likelihood(likelihood).factor_matvec, z, xi)
 
@@ -67,18 +74,24 @@ def by_rows(f, z: Array, stack: Array, *, budget: int | None = None) -> Array:
     temporaries of ``f`` are only chunk-sized. ``f`` must treat rows independently. The whole
     stack at once when it fits ``budget`` entries (default :data:`ROWS`), when the shapes are
     other than these, or when the namespace's arrays cannot be written into (JAX).
+
+    ``stack`` may be a *draw by rows* instead of an array: a callable with a ``shape``
+    attribute (K, N, ...) whose ``stack(n₀, n₁)`` returns rows n₀:n₁ of that array (an
+    adapter's ``probe_rows``: the random probes of a chunk drawn when the chunk is formed).
     """
     budget = ROWS if budget is None else budget
-    if (getattr(z, "ndim", 0) != 2 or getattr(stack, "ndim", 0) < 2 or stack.shape[1] != z.shape[0]
-            or stack.shape[0] * z.shape[0] * z.shape[1] <= budget or not is_writeable_array(z)):
-        return f(z, stack)
-    xp = namespace_of(z=z, stack=stack)
+    lazy = callable(stack) and not hasattr(stack, "ndim")
+    shape = tuple(stack.shape) if lazy or hasattr(stack, "shape") else ()
+    if (getattr(z, "ndim", 0) != 2 or len(shape) < 2 or shape[1] != z.shape[0]
+            or shape[0] * z.shape[0] * z.shape[1] <= budget or not is_writeable_array(z)):
+        return f(z, stack(0, shape[1]) if lazy else stack)
+    xp = namespace_of(z=z) if lazy else namespace_of(z=z, stack=stack)
     N = z.shape[0]
-    step = max(1, budget // max(1, stack.shape[0] * z.shape[1]))
+    step = max(1, budget // max(1, shape[0] * z.shape[1]))
     out = None
     for a in range(0, N, step):
         b = min(N, a + step)
-        part = f(z[a:b, ...], stack[:, a:b, ...])
+        part = f(z[a:b, ...], stack(a, b) if lazy else stack[:, a:b, ...])
         if out is None:
             out = xp.empty((part.shape[0], N, *part.shape[2:]), dtype=part.dtype, device=device(part))
         out[:, a:b, ...] = part

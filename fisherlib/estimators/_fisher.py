@@ -768,10 +768,24 @@ def _cotangent(be, z, labels, b, opts, index=None, *, seed=None):
         return cotangents.monte_carlo(z, u, lik)  # e_ŷ − p from one softmax per chunk of positions
     if opts["bound"] == "lower":
         return cotangents.lower_bound(z, be.probes(s, (K, n, opts["rank"]), opts["dist"], like=z))
-    xi = be.probes(s, (K, n, C), opts["dist"], like=z)
     if opts["bound"] == "upper":
-        return cotangents.upper_bound(z, xi)
+        return cotangents.upper_bound(z, be.probes(s, (K, n, C), opts["dist"], like=z))
+    # A draw by rows where the adapter offers one (the same values): the probes are then formed
+    # a chunk of positions at a time with the cotangent, never as a whole (K, N·T, V) array.
+    rows = _probe_rows(be)
+    xi = rows(s, (K, n, C), opts["dist"], like=z) if rows is not None else be.probes(s, (K, n, C), opts["dist"], like=z)
     return cotangents.hutchinson(z, xi, lik)
+
+
+def _probe_rows(be):
+    """The adapter's ``probe_rows`` where the same class (or a subclass) defines it and ``probes``:
+    a wrapper that redefines ``probes`` (another seed, a fault) and forwards the rest by
+    ``__getattr__``, or a subclass that overrides ``probes`` only, keeps its own draws."""
+    def owner(name):
+        return next((k for k in type(be).__mro__ if name in vars(k)), None)
+
+    mine, draws = owner("probe_rows"), owner("probes")
+    return be.probe_rows if mine is not None and draws is not None and issubclass(mine, draws) else None
 
 
 def _labels(labels, z, likelihood, b):

@@ -196,6 +196,26 @@ def test_probes_follow_device_and_dtype(torch, be):
     assert torch.equal(out, be.probes(3, (4, 5), "rademacher", like))
 
 
+@pytest.mark.parametrize("shape", [(1, 7, 5), (3, 11, 13), (2, 6, 3, 5)])
+def test_probe_rows_are_the_probes_rows(torch, be, shape):
+    """A draw by rows gives probes(...)[:, a:b] exactly, at offsets that split a random byte."""
+    like = torch.zeros(1, dtype=torch.float32)
+    whole = be.probes(4, shape, "rademacher", like)
+    rows = be.probe_rows(4, shape, "rademacher", like)
+    assert rows.shape == shape
+    N = shape[1]
+    for a, b in [(0, N), (0, 1), (1, 4), (3, N), (2, 2)]:
+        assert torch.equal(rows(a, b), whole[:, a:b])
+    assert torch.equal(torch.cat([rows(a, min(N, a + 3)) for a in range(0, N, 3)], dim=1), whole)
+    assert set(whole.unique().tolist()) == {-1.0, 1.0} and rows(0, N).dtype == like.dtype
+    gauss = be.probe_rows(4, shape, "gaussian", like)  # other distributions: drawn whole, sliced
+    assert torch.equal(gauss(1, 3), be.probes(4, shape, "gaussian", like)[:, 1:3])
+    with pytest.raises(ValueError, match="rows"):
+        rows(2, N + 1)
+    with pytest.raises(ValueError, match="shape"):
+        be.probe_rows(4, (5,), "rademacher", like)
+
+
 def test_leaves_and_unflatten_round_trip(torch, be):
     tree = {"a": [torch.ones(2), torch.zeros(3)], "b": (torch.ones(1), 7), "c": torch.arange(3)}
     named = be.leaves(tree)

@@ -94,12 +94,65 @@ def test_cotangents_in_chunks_of_positions_give_the_same_numbers(monkeypatch, me
     np.testing.assert_allclose(_flat(chunked), _flat(whole), rtol=1e-6, atol=0)
 
 
+def test_hutchinson_draws_its_probes_by_rows_with_the_same_values(monkeypatch):
+    """fisher() takes the adapter's draw by rows (no (K, N·T, V) probe array) and gets the numbers
+    of the whole draw; a subclass that redefines ``probes`` keeps its own draws."""
+    from fisherlib.backends.torch import TorchBackend
+
+    model, batch = _model(), _batch(n=3, length=8)
+    monkeypatch.setattr(cotangents, "ROWS", 5 * V)  # a few positions per chunk
+    whole_calls = []
+
+    class Whole(TorchBackend):  # the probes drawn whole, as adapters without probe_rows do
+        def probes(self, seed, shape, dist, like):
+            whole_calls.append(shape)
+            return super().probes(seed, shape, dist, like)
+
+    class Spy(TorchBackend):
+        def probe_rows(self, seed, shape, dist, like):
+            rows = super().probe_rows(seed, shape, dist, like)
+            spans.append(shape)
+
+            class Rows:
+                def __init__(self):
+                    self.shape = rows.shape
+
+                def __call__(self, a, b):
+                    spans.append((a, b))
+                    return rows(a, b)
+
+            return Rows()
+
+    spans = []
+    for probes in (1, 3):
+        lazy = fisherlib.fisher(model, None, [batch], probes=probes, seed=3, backend=Spy())
+        whole = fisherlib.fisher(model, None, [batch], probes=probes, seed=3, backend=Whole())
+        assert spans[0] == (probes, 3 * 8, V) and len(spans) > 2 and all(b - a < 24 for a, b in spans[1:])
+        assert whole_calls == [(probes, 3 * 8, V)]  # Whole's probes: probe_rows not used
+        np.testing.assert_array_equal(_flat(lazy), _flat(whole))
+        spans.clear(), whole_calls.clear()
+
+
 def test_by_rows_writes_every_chunk():
     rng = np.random.default_rng(0)
     z, xi = rng.normal(size=(11, 4)), rng.choice([-1.0, 1.0], size=(3, 11, 4))
     want = cotangents.hutchinson(z, xi)
     got = cotangents.by_rows(lambda a, b: cotangents.hutchinson(a, b), z, xi, budget=3 * 4 * 2)
     np.testing.assert_array_equal(got, want)
+
+    class Rows:  # a draw by rows: asked only for chunks
+        shape = xi.shape
+
+        def __call__(self, a, b):
+            asked.append((a, b))
+            return xi[:, a:b]
+
+    asked = []
+    np.testing.assert_array_equal(cotangents.hutchinson(z, Rows()), want)  # fits ROWS: one call
+    assert asked == [(0, 11)]
+    asked.clear()
+    np.testing.assert_array_equal(cotangents.by_rows(cotangents.simplex.factor_matvec, z, Rows(), budget=24), want)
+    assert asked == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 11)]
     u = rng.uniform(size=(3, 11))
     np.testing.assert_array_equal(cotangents.by_rows(cotangents.sample_labels, z, u, budget=12),
                                   cotangents.sample_labels(z, u))
@@ -165,6 +218,61 @@ def test_exact_and_per_example_methods_on_the_last_block_and_head():
     value, se = float(est.value), float(est.stderr)
     assert 0 < se < 0.3 * value
     assert abs(value - sum(ref[n].sum() for n in names)) < 5 * se
+
+
+# ----------------------------------------------------------------------------------- K-FAC
+
+
+def _hand_factors(model, batch, layer):
+    """A and G of a Conv1D layer by hand (float64): x̃ from a hook, g by one backward per output
+    term, the columns √p_k (e_k − p) of the output Fisher's factor at each counted position."""
+    seen = {}
+    hook = layer.register_forward_hook(lambda m, i, o: seen.update(x=i[0].detach(), y=o))
+    logits = model(input_ids=batch["input_ids"]).logits
+    hook.remove()
+    x, y, p = seen["x"], seen["y"], torch.softmax(logits.detach(), -1)
+    keep = batch["labels"] != -100
+    N, T = keep.shape
+    cts = []
+    for n, t in keep.nonzero().tolist():
+        for k in range(V):
+            ct = torch.zeros_like(logits)
+            ct[n, t] = p[n, t, k].sqrt() * (torch.eye(V, dtype=p.dtype)[k] - p[n, t])
+            cts.append(ct)
+    g = torch.autograd.grad(logits, y, torch.stack(cts), is_grads_batched=True)[0]  # (M, N, T, O)
+    w = keep.double()
+    xt = torch.cat([x, torch.ones(N, T, 1, dtype=x.dtype)], -1)
+    xbar = (xt * w[..., None]).sum(1) / w.sum(1, keepdim=True)  # mean over the counted positions
+    return {"expand": (torch.einsum("ns,nsi,nsj->ij", w, xt, xt) / w.sum(), torch.einsum("mnso,mnsp->op", g, g)),
+            "reduce": (xbar.T @ xbar / N, torch.einsum("mno,mnp->op", g.sum(2), g.sum(2)))}
+
+
+def test_kfac_on_the_tied_causal_lm_matches_hand_computed_factors():
+    """K-FAC (reduce and expand) of a first-block layer of the tied tiny twin: A and G equal the
+    hand-computed ones (attention in the next block mixes the positions, so the two differ); the
+    whole tied model runs, the tied embedding on its diagonal (named in the warning)."""
+    from fisherlib import KroneckerFallbackWarning
+
+    model, batch = _model(dtype=torch.float64, attn="eager"), _batch(n=2, length=5)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    name = "transformer.h.0.mlp.c_fc"
+    layer = model.transformer.h[0].mlp.c_fc
+    ref = _hand_factors(model, batch, layer)
+    assert not torch.allclose(ref["expand"][1], ref["reduce"][1], rtol=1e-3)
+    model.config._attn_implementation = "sdpa"  # the estimate through the fused attention
+    sub = {f"{name}.weight": layer.weight, f"{name}.bias": layer.bias}
+    for setting, (A, G) in ref.items():
+        f = fisherlib.fisher(model, sub, [batch], structure="kfac", kfac_approx=setting, method="exact").factors[name]
+        np.testing.assert_allclose(f["A"][0].numpy(), A.numpy(), rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(f["G"][0].numpy(), G.numpy(), rtol=1e-8, atol=1e-12 * float(G.abs().max()))
+    for setting, (A, G) in ref.items():  # every parameter, one probe each: the benchmark's call
+        with pytest.warns(KroneckerFallbackWarning, match="transformer.wte.weight"):
+            est = fisherlib.fisher(model, None, [batch], structure="kfac", kfac_approx=setting, probes=64, seed=0)
+        assert "transformer.wte.weight" in est.fallback and name in [b.name for b in est.blocks]
+        assert all(bool(torch.isfinite(v).all()) for v in est.value.values())
+        np.testing.assert_allclose(est.factors[name]["A"][0].numpy(), A.numpy(), rtol=1e-10, atol=1e-14)
+        g_hat, se = torch.diagonal(est.factors[name]["G"][0]), torch.diagonal(est.factor_stderr[name]["G"][0])
+        assert bool((se > 0).all()) and bool(((g_hat - torch.diagonal(G)).abs() <= 5 * se).all())  # unbiased G
 
 
 # ------------------------------------------------------------------------------ integrations
