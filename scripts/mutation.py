@@ -230,6 +230,41 @@ MUTANTS += [
 ]
 
 
+# -- issue 24 item 4: the Sophia-schedule Fisher preconditioner (torch and optax)
+SOPHIA_TORCH = ["tests/natural/test_sophia.py"]
+SOPHIA_OPTAX = ["tests/natural/test_sophia_optax.py"]
+MUTANTS += [
+    ("sophia h without the EMA's bias correction", "fisherlib/natural/_sophia.py",
+     'scale = float(self.fisher._unit / (state["w"] + (state["w"] == 0)))', "scale = float(self.fisher._unit)",
+     SOPHIA_TORCH),
+    ("sophia clip at 2 lr", "fisherlib/natural/_sophia.py",
+     "    torch._foreach_clamp_max_(den, 1.0)\n", "    torch._foreach_clamp_max_(den, 2.0)\n", SOPHIA_TORCH),
+    ("sophia weight decay coupled (into m)", "fisherlib/natural/_sophia.py",
+     "            if wd:\n                torch._foreach_mul_(ps, 1 - lr * wd)\n",
+     "            if wd:\n                torch._foreach_add_(ms, ps, alpha=(1 - b1) * wd)\n", SOPHIA_TORCH),
+    ("sophia refresh every step", "fisherlib/natural/_sophia.py",
+     "return self.steps % self.refresh == 0", "return True", SOPHIA_TORCH),
+    ("sophia probes reuse one seed", "fisherlib/natural/_sophia.py",
+     "_step_seed(self.seed, self.refreshes)", "_step_seed(self.seed, 0)", SOPHIA_TORCH),
+    ("sophia Fisher divided by the batch, not the counted positions", "fisherlib/natural/_sophia.py",
+     "n = z.shape[0] if keep is None else int(keep.sum())", "n = z.shape[0]", SOPHIA_TORCH),
+    ("sophia fisher_batch ignored", "fisherlib/natural/_sophia.py",
+     "    if count is None:\n        return args, kwargs\n", "    if True:\n        return args, kwargs\n",
+     SOPHIA_TORCH),
+    ("sophia hook captures evaluation forwards", "fisherlib/natural/_sophia.py",
+     " or not torch.is_grad_enabled() or", " or", SOPHIA_TORCH),
+    ("sophia refreshes counter not checkpointed", "fisherlib/natural/_sophia.py",
+     'self.steps, self.refreshes = int(extra["steps"]), int(extra["refreshes"])',
+     'self.steps, self.refreshes = int(extra["steps"]), 0', SOPHIA_TORCH),
+    ("optax sophia m without (1 - b1)", "fisherlib/natural/_sophia_optax.py",
+     "lambda m, g: b1 * m + (1 - b1) * g", "lambda m, g: b1 * m + g", SOPHIA_OPTAX),
+    ("optax sophia h from the Fisher's EMA with b1", "fisherlib/natural/_sophia_optax.py",
+     "n, b2)", "n, b1)", SOPHIA_OPTAX),
+    ("optax sophia floor added, not max", "fisherlib/natural/_sophia_optax.py",
+     "jnp.maximum(gamma * h[\"diag:\" + name].astype(x.dtype), eps)", "(gamma * h[\"diag:\" + name].astype(x.dtype) + eps)",
+     SOPHIA_OPTAX),
+]
+
 def _tests_of(mutant: tuple) -> list[str]:
     """The tests a mutant runs: its own selection (a fifth entry), else the estimator tests."""
     return list(mutant[4]) if len(mutant) > 4 else TESTS
