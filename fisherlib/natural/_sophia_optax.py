@@ -47,14 +47,25 @@ def scale_by_sophia(*, betas: tuple[float, float] = (0.965, 0.99), gamma: float 
         return SophiaState(jnp.zeros((), jnp.int32), jax.tree_util.tree_map(jnp.zeros_like, params),
                            init_state(_layout(params), leaves[0], stderr=stderr))
 
-    def update(updates, state, params=None, *, probe_grads=None, n=None, **extra):
+    def refreshed(lay, fisher, probe_grads, n):
+        if n is None:
+            raise ValueError("n: the number of outputs the probes ran over is needed with probe_grads")
+        if not isinstance(n, (int, float)):  # traced: in the estimate's dtype (no promotion)
+            n = jnp.asarray(n).astype(fisher["w"].dtype)
+        return update_state(lay, fisher, [x for _, x in be.leaves(probe_grads)], n, b2)
+
+    def update(updates, state, params=None, *, probe_grads=None, n=None, refresh=None, **extra):
         del params, extra
         lay = _layout(updates)
         fisher = state.fisher
-        if probe_grads is not None:  # a refresh: fold the probe gradients into the running diagonal
-            if n is None:
-                raise ValueError("n: the number of outputs the probes ran over is needed with probe_grads")
-            fisher = update_state(lay, fisher, [x for _, x in be.leaves(probe_grads)], n, b2)
+        if refresh is not None:  # one program: lax.cond between folding the probes in and keeping h
+            if probe_grads is None:
+                raise ValueError("probe_grads: update(refresh=...) needs the probe gradients every step "
+                                 "(zeros between refreshes: value_grad_and_probes(..., when=refresh))")
+            fisher = jax.lax.cond(jnp.asarray(refresh, dtype=bool), lambda f: refreshed(lay, f, probe_grads, n),
+                                  lambda f: f, fisher)
+        elif probe_grads is not None:  # a refresh: fold the probe gradients into the running diagonal
+            fisher = refreshed(lay, fisher, probe_grads, n)
         h = state_value(fisher)
         m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.exp_avg, updates)
         named = be.leaves(m)
@@ -80,8 +91,10 @@ def sophia(learning_rate: float | Callable, *, betas: tuple[float, float] = (0.9
     :func:`~fisherlib.natural.value_grad_and_probes` over ``n`` outputs) h is refreshed first;
     without them the last h is used (before the first refresh h = 0: every step sign(m)·η).
     Refresh every k steps by calling ``value_grad_and_probes`` with ``probes=1`` when
-    ``step % k == 0`` and ``probes=0`` otherwise (two compilations of a jitted step, as
-    :func:`~fisherlib.natural.natural_gradient`).
+    ``step % k == 0`` and ``probes=0`` otherwise (two compilations of a jitted step), or, as
+    :func:`~fisherlib.natural.natural_gradient`, compile the step once: ``refresh = count % k == 0``
+    (traced), ``value_grad_and_probes(..., probes=1, when=refresh)`` and
+    ``update(..., probe_grads=, n=, refresh=refresh)``, which chooses by ``jax.lax.cond``.
 
     Parameters
     ----------

@@ -92,6 +92,28 @@ def test_step_is_the_hand_formula_in_float64(via):
         np.testing.assert_allclose(np.asarray(p[n]), want[n], rtol=1e-12, atol=1e-14)
 
 
+def test_one_compiled_step_with_refresh_equals_the_two_step_functions():
+    tx = sophia(0.02, betas=(0.9, 0.8), gamma=0.3, eps=1e-6)
+    refresh, plain = _step(tx)
+
+    @jax.jit
+    def whole(p, st, t):
+        due = t % 3 == 0
+        _, g, pg = value_grad_and_probes(f, p, X, Y, t, probes=1, when=due)
+        u, st = tx.update(g, st, p, probe_grads=pg, n=N, refresh=due)
+        return optax.apply_updates(p, u), st
+
+    p, st = PARAMS, tx.init(PARAMS)
+    q, sq = PARAMS, tx.init(PARAMS)
+    for t in range(7):
+        p, st = refresh(p, st, t) if t % 3 == 0 else plain(p, st)
+        q, sq = whole(q, sq, t)
+    for n in p:
+        np.testing.assert_allclose(np.asarray(q[n]), np.asarray(p[n]), rtol=1e-13, atol=1e-15)
+    with pytest.raises(ValueError, match="probe_grads:"):
+        tx.update(PARAMS, tx.init(PARAMS), PARAMS, refresh=True)
+
+
 def test_weight_decay_mask_is_a_parameter_group():
     mask = {"w1": True, "b1": False, "w2": True, "b2": False}
     tx = sophia(0.02, gamma=0.3, weight_decay=0.5, mask=mask)
