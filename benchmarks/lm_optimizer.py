@@ -49,7 +49,7 @@ OPTIMIZERS = ("adamw", "sophia-g", "fisherlib")
 # (n_layer, n_embd, n_head): "bench" is the CPU default, "mini" the issue's 6 × 256 (demo.lm's).
 SIZES = {"tiny": (2, 32, 2), "bench": (4, 128, 4), "mini": (6, 256, 8)}
 # Peak learning rates and ρ (γ) found on this workload (docs/benchmarks.md: 150-step pilot, seed 0).
-DEFAULTS = {"adamw": dict(lr=2e-3), "sophia-g": dict(lr=1e-3, rho=0.04), "fisherlib": dict(lr=1e-3, rho=0.04)}
+DEFAULTS = {"adamw": dict(lr=2e-3), "sophia-g": dict(lr=5e-4, rho=0.04), "fisherlib": dict(lr=5e-4, rho=0.001)}
 
 
 class SophiaG:
@@ -251,29 +251,34 @@ def timing(args, split, repeats: int) -> dict:
     return median_times(fns, repeats, warmup=1)
 
 
-def table(results: dict, target: float, tokens_per_step: int, blocks: dict | None, k: int) -> str:
-    lines = [f"target validation loss {target} (nats/byte); tokens per step {tokens_per_step}", "",
-             "| optimizer | lr, ρ | tokens to target (median; per seed) | final val loss | tokens/s in training "
-             "(median) | step time vs AdamW (interleaved) | throughput vs AdamW |",
-             "|---|---|---|---|---|---|---|"]
+def to_target(runs: list, target: float) -> str:
+    """Median tokens to ``target`` over the seeds (each seed's in brackets)."""
+    hits = [reach(r["curve"], target) for r in runs]
+    got = [h for h in hits if h is not None]
+    med = f"{statistics.median(got):,.0f}" if len(got) == len(hits) else f"{len(got)}/{len(hits)} seeds reach it"
+    return med + " (" + ", ".join("—" if h is None else f"{h:,}" for h in hits) + ")"
+
+
+def table(results: dict, targets: list, tokens_per_step: int, blocks: dict | None, k: int) -> str:
+    lines = [f"validation loss in nats/byte; tokens per step {tokens_per_step}", "",
+             "| optimizer | lr, ρ | " + " | ".join(f"tokens to {t} (median; per seed)" for t in targets)
+             + " | final val loss | tokens/s in training (median) | step time vs AdamW (interleaved) | "
+             "throughput vs AdamW |",
+             "|---|---|" + "---|" * len(targets) + "---|---|---|---|"]
     base = blocks["adamw"] if blocks else None
     for name, (hyper, runs) in results.items():
-        hits = [reach(r["curve"], target) for r in runs]
-        got = [h for h in hits if h is not None]
-        med = (f"{statistics.median(got):,.0f}" if len(got) == len(hits) else
-               f"{len(got)}/{len(hits)} seeds reach it")
-        seeds = ", ".join("—" if h is None else f"{h:,}" for h in hits)
+        med = " | ".join(to_target(runs, t) for t in targets)
         finals = [r["curve"][-1][1] for r in runs]
         sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
         tps = statistics.median(r["tokens_per_s"] for r in runs)
-        hp = f"{hyper['lr']:g}" + (f", {hyper['rho']:g}" if name != "adamw" else "")
-        if blocks:
+        hp = f"{hyper['lr']:g}" + (f", {hyper['rho']:g}" if "rho" in hyper else "")
+        if blocks and name in blocks:
             ratio = blocks[name] / base
             rel = f"{ratio:.3f}× ({blocks[name] / k * 1e3:.0f} ms/step)"
             thr = f"{1 / ratio - 1:+.1%}"
         else:
             rel = thr = "—"
-        lines.append(f"| {name} | {hp} | {med} ({seeds}) | {statistics.mean(finals):.3f} ± {sd:.3f} | {tps:,.0f} | "
+        lines.append(f"| {name} | {hp} | {med} | {statistics.mean(finals):.3f} ± {sd:.3f} | {tps:,.0f} | "
                      f"{rel} | {thr} |")
     return "\n".join(lines)
 
@@ -283,11 +288,11 @@ def main(argv=None) -> None:
     p.add_argument("--size", choices=tuple(SIZES), default="bench")
     p.add_argument("--n", type=int, default=16, help="sequences per batch")
     p.add_argument("--length", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--k", type=int, default=10, help="refresh interval of both Sophia variants")
     p.add_argument("--fisher-batch", type=int, default=4, help="rows of the captured batch for fisherlib's refresh (0: all)")
-    p.add_argument("--target", type=float, default=2.5)
+    p.add_argument("--target", type=float, nargs="+", default=[2.5, 2.3])
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--val-windows", type=int, default=64)
     p.add_argument("--timing-blocks", type=int, default=5, help="interleaved k-step blocks per optimizer (0: skip)")
@@ -298,10 +303,26 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 20 steps, one seed")
     p.add_argument("--json", default=None, help="write the curves and figures here")
+    p.add_argument("--timing-only", action="store_true", help="only the interleaved timing phase")
+    p.add_argument("--label", default=None, help="the row's name (one optimizer): e.g. 'fisherlib γ=0.04'")
+    p.add_argument("--merge", nargs="+", default=None, help="print one table from these --json files")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.n, args.length, args.steps, args.seeds = "tiny", 4, 32, 20, [0]
         args.eval_every, args.val_windows, args.timing_blocks, args.k = 5, 8, 1, 5
+    if args.merge:  # runs made in separate processes (one optimizer each), and a --timing-only run
+        results, blocks, meta = {}, None, None
+        for path in args.merge:
+            with open(path) as f:
+                got = json.load(f)
+            meta = meta or got["args"]
+            results.update({k: (v["hyper"], v["runs"]) for k, v in got["results"].items()})
+            blocks = got["blocks"] or blocks
+        order = {k: results[k] for k in sorted(results, key=lambda k: (k.split(" ")[0] not in OPTIMIZERS,
+                                                                       OPTIMIZERS.index(k.split(" ")[0])
+                                                                       if k.split(" ")[0] in OPTIMIZERS else 0, k))}
+        print(table(order, args.target, meta["n"] * meta["length"], blocks, meta["k"]))
+        return
     import torch
 
     if args.device == "cpu":
@@ -322,19 +343,21 @@ def main(argv=None) -> None:
           flush=True)
     results = {}
     t_all = time.perf_counter()
-    for name in args.optimizers:
+    for name in ([] if args.timing_only else args.optimizers):
         runs = []
         for seed in args.seeds:
             r = run(name, seed, args, split, hypers[name])
             print(f"{name} seed {seed}: final val {r['curve'][-1][1]:.3f}, {r['tokens_per_s']:,.0f} tokens/s, "
-                  f"to {args.target}: {reach(r['curve'], args.target)}", flush=True)
+                  f"to {args.target}: {[reach(r['curve'], t) for t in args.target]}", flush=True)
             runs.append(r)
-        results[name] = (hypers[name], runs)
+        results[args.label or name] = (hypers[name], runs)
     blocks = None
     if args.timing_blocks and set(args.optimizers) == set(OPTIMIZERS):
         blocks = timing(args, split, args.timing_blocks)
+        print("interleaved k-step blocks (s, median):", {k: round(v, 3) for k, v in blocks.items()})
     print()
-    print(table(results, args.target, args.n * args.length, blocks, args.k))
+    if results:
+        print(table(results, args.target, args.n * args.length, blocks, args.k))
     print(f"\n(total {time.perf_counter() - t_all:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

@@ -37,4 +37,4 @@ def test_quick_run_prints_a_table(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "optimizer" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["adamw", "sophia-g", "fisherlib"]
-    assert all(r.count("|") == 8 for r in rows)
+    assert all(r.count("|") == 9 for r in rows)  # two targets by default
