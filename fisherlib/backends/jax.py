@@ -35,6 +35,8 @@ def _pull(pullback, ct):
 
 
 def _pull_k(pullback, cts):
+    if cts.shape[0] == 1:  # one row: the plain pullback, with a training step's layouts (a vmap over one
+        return jax.tree_util.tree_map(lambda g: g[None], pullback(cts[0])[0])  # row transposes the weight gradients)
     return jax.vmap(pullback)(cts)[0]
 
 

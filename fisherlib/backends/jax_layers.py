@@ -268,5 +268,16 @@ class LayerCapture:
         else:
             rows = [pull_one(self._pullback, ct[k]) for k in range(ct.shape[0])]
             gs = [jnp.concatenate(r, axis=0) for r in zip(*rows)]
-        return [Layer(s.kind, leaves, shapes, x, gs[k], layout=s.layout, num=s.num)
+        return [Layer(s.kind, leaves, shapes, x, gs[k], layout=s.layout, num=s.num, scan=_scan)
                 for s, x, leaves, shapes, k in self.calls]
+
+
+def _scan(step, init, arrays):
+    """The core's loop over inputs (:class:`~fisherlib.core.layers.Layer`'s ``scan``): ``jax.lax.scan``
+    (a Python loop for arrays of another namespace, e.g. a record's arrays copied to NumPy)."""
+    if not all(isinstance(a, jax.Array) for a in arrays):
+        acc = init
+        for n in range(arrays[0].shape[0]):
+            acc = step(acc, *(a[n, ...] for a in arrays))
+        return acc
+    return jax.lax.scan(lambda acc, xs: (step(acc, *xs), None), init, tuple(arrays))[0]

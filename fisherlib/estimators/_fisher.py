@@ -227,6 +227,7 @@ def fisher(
     n_outputs = 0
     bar = _Progress(_batches(batches, labels), progress)
     step = nonfinite = None  # the whole batch step compiled once, where the adapter can (compile)
+    finite_fn = None  # the compiled finiteness check of the sums, once at the end (compiled batches)
     pending: list = []  # (batch, flags) of the compiled batches, checked at the end with one sync
     template, C = None, None
     for b, (inputs, y) in enumerate(bar):
@@ -238,7 +239,8 @@ def fisher(
         s = _batch_seed(opts["seed"], b if done[-1] is None else done[-1], opts.get("stream", 0))
         got = step(params, inputs, y, s, b, parts, moments) if step is not None else None
         if got is not None:  # one compiled call: the batch's step and the running sums' update
-            parts, nonfinite, flags, moments, C = got[0], got[1], got[2], got[3], got[4] or C
+            parts, flags, moments, C = got[0], got[1], got[2], got[3] or C
+            finite_fn = step.nonfinite
             if template is None:
                 template = params
                 names = [n for n, _ in be.leaves(template)]
@@ -250,7 +252,7 @@ def fisher(
             continue
         if step is not None or pending:  # a batch the step could not take: eager from here
             n_outputs += _raise_flagged(pending, C, likelihood) if pending else 0
-            step, nonfinite, pending = None, None, []
+            step, finite_fn, pending = None, None, []
         out, vjp, capture, cts, m, y = _batch_cotangents(be, model, params, inputs, y, b, s, opts, structure, mask, ignore_index)
         shape = tuple(out.shape)
         if parts is None:
@@ -292,6 +294,8 @@ def fisher(
 
     out_names = names if structure in ("diag", "sketch") else (
         ["trace"] if structure == "trace" else [blk.name for blk in plan])
+    if finite_fn is not None and is_eager(parts[0]):  # sums carry inf and NaN on: checked once, compiled
+        nonfinite = finite_fn(parts)
     _check_finite(parts, out_names, nonfinite)
     deterministic = method in DETERMINISTIC
     K = 0 if deterministic else probes
@@ -386,12 +390,12 @@ def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index, keep_
 
         def step_fold(params, inputs, y, s, parts):
             contrib, _, flags = pure(params, inputs, y, s)
-            return (*fold(parts, contrib), flags)  # the logits stay inside: no (N, T, C) output
+            return fold(parts, contrib), flags  # the logits stay inside: no (N, T, C) output
 
         return comp(step_fold, key=key + ("fold", bool(moments)))
 
     def run(params, inputs, y, s, b, parts, moments):
-        """(parts, non-finite flag per part, flags, moments, C) after this batch."""
+        """(parts, flags, moments, C) after this batch."""
         leaf = _leaves_of(params)[:1]
         if not all(is_eager(a) for a in _leaves_of(inputs)[:1] + leaf):
             return None  # inside the caller's jit, which compiles the whole loop anyway
@@ -408,14 +412,17 @@ def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index, keep_
                 C = out.shape[-1]
             else:
                 C = None
-            new, nonfinite, flags = fused(moments)(params, inputs, y, seed, parts)
+            new, flags = fused(moments)(params, inputs, y, seed, parts)
         except Exception:  # noqa: BLE001 - the eager path runs the batch and raises its own error
             return None
         if b == 0:  # the first batch at once (one sync): its errors and the probabilities warning come
             if np.asarray(flags)[:3].any():  # from the eager path, which takes the whole call then
                 return None
-        return new, nonfinite, flags, moments, C  # later batches' flags: checked at the end
+        return new, flags, moments, C  # later batches' flags: checked at the end
 
+    # The sums' finiteness once after the last batch (inf and NaN stay in a sum), not per batch:
+    # a pass over the parameters' size each batch was a tenth of a small model's step.
+    run.nonfinite = comp(_nonfinite_flags, key=("fisher.nonfinite",))
     return run
 
 
@@ -452,14 +459,11 @@ def _flags(out, y, m, method, likelihood):
 
 
 def _fold_fn(moments):
-    """fold(parts, contrib) -> (parts, non-finite flag per part), pure: the per-probe moments when
-    kept, the addition, and what _check_finite needs without an eager pass."""
+    """fold(parts, contrib) -> parts, pure: the per-probe moments when kept, and the addition."""
     def fold(parts, contrib):
         if moments:
             contrib = [probe_moments(c) for c in contrib]
-        new = contrib if parts is None else [a + c for a, c in zip(parts, contrib)]
-        xp = array_namespace(*new)
-        return new, xp.stack([xp.any(~xp.isfinite(x)) for x in new])
+        return contrib if parts is None else [a + c for a, c in zip(parts, contrib)]
 
     return fold
 
@@ -681,18 +685,23 @@ def _check_finite(parts: list, names: list | None, nonfinite: Array | None = Non
     saturating activation, and NaN gradients). ``nonfinite``: the flags, already computed."""
     if not parts or not is_eager(parts[0]):
         return
-    xp = array_namespace(parts[0])
     if nonfinite is None:
-        # Two reductions per part, no bool array of its size: NaN propagates through max and
-        # min, ±inf shows in one of them (isfinite + any took 1 s of a 7 s GPT-2 small batch).
-        nonfinite = xp.stack([~(xp.isfinite(xp.max(x)) & xp.isfinite(xp.min(x))) if math.prod(x.shape)
-                              else xp.asarray(False, device=device(x)) for x in parts])
+        nonfinite = _nonfinite_flags(parts)
     bad = np.asarray(_to_host(nonfinite))
     if bad.any():
         where = [names[i] if names and i < len(names) else f"part {i}" for i in np.flatnonzero(bad)]
         raise ValueError(f"batches: the Fisher has non-finite entries (inf or NaN) in {', '.join(where)}, "
                          "although the logits were finite: an input or a parameter holds inf or NaN, "
                          "or the gradients overflowed")
+
+
+def _nonfinite_flags(parts: list) -> Array:
+    """Whether each part holds inf or NaN, pure. Two reductions per part, no bool array of its
+    size: NaN propagates through max and min, ±inf shows in one of them (isfinite + any took 1 s
+    of a 7 s GPT-2 small batch)."""
+    xp = array_namespace(*parts)
+    return xp.stack([~(xp.isfinite(xp.max(x)) & xp.isfinite(xp.min(x))) if math.prod(x.shape)
+                     else xp.asarray(False, device=device(x)) for x in parts])
 
 
 def _to_host(a):
