@@ -49,7 +49,7 @@ OPTIMIZERS = ("adamw", "sophia-g", "fisherlib")
 # (n_layer, n_embd, n_head): "bench" is the CPU default, "mini" the 6 × 256 (demo.lm's).
 SIZES = {"tiny": (2, 32, 2), "bench": (4, 128, 4), "mini": (6, 256, 8)}
 # Peak learning rates and ρ (γ) found on this workload (docs/benchmarks.md: 150-step pilot, seed 0).
-DEFAULTS = {"adamw": dict(lr=2e-3), "sophia-g": dict(lr=5e-4, rho=0.04), "fisherlib": dict(lr=5e-4, rho=0.001)}
+DEFAULTS = {"adamw": dict(lr=2e-3), "sophia-g": dict(lr=5e-4, rho=0.04), "fisherlib": dict(lr=5e-4, rho=0.04)}
 
 
 class SophiaG:
@@ -316,7 +316,8 @@ def main(argv=None) -> None:
             with open(path) as f:
                 got = json.load(f)
             meta = meta or got["args"]
-            results.update({k: (v["hyper"], v["runs"]) for k, v in got["results"].items()})
+            for k, v in got["results"].items():  # the seeds of one row may come from several files
+                results[k] = (v["hyper"], (results[k][1] if k in results else []) + v["runs"])
             blocks = got["blocks"] or blocks
         order = {k: results[k] for k in sorted(results, key=lambda k: (k.split(" ")[0] not in OPTIMIZERS,
                                                                        OPTIMIZERS.index(k.split(" ")[0])
