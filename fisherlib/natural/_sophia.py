@@ -22,7 +22,7 @@ from ..backends._common import logits_of
 from ..core import cotangents
 from ..estimators._running import ONE_LOGIT, RunningFisher, _step_seed
 from ._sophia_checks import UNUSED, check_hyper
-from ._torch_optim import NaturalGradient
+from ._torch_optim import NaturalGradient, _init_signature
 
 __all__ = ["FisherSophia"]
 
@@ -341,6 +341,9 @@ class FisherSophia(NaturalGradient):
         return (f"NaturalGradient(preconditioner='sophia', lr={g['lr']:.3g}, betas={g['betas']}, "
                 f"gamma={g['gamma']:.3g}, weight_decay={g['weight_decay']:.3g}, refresh={self.refresh}, "
                 f"probes={self.probes}, groups={len(self.param_groups)})")
+
+
+FisherSophia.__signature__ = _init_signature(FisherSophia)
 
 
 def _clipped_ratio(ms: list[torch.Tensor], hs: list, scale: float, eps: float) -> list[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
@@ -384,6 +385,15 @@ class NaturalGradient(torch.optim.Optimizer):
                   f"probes={self.fisher.probes}, decay={self.fisher.decay}")
         return (f"NaturalGradient(preconditioner={self.preconditioner!r}, lr={self.param_groups[0]['lr']:.3g}, "
                 f"damping={lam}{rel}, {fisher}, refresh={self.refresh})")
+
+
+def _init_signature(cls) -> inspect.Signature:
+    """``cls.__init__``'s signature without ``self``: what ``inspect.signature(cls)`` shows, rather than
+    the ``(*args, **kwargs)`` of the ``__new__`` that picks the "sophia" subclass."""
+    return inspect.Signature(list(inspect.signature(cls.__init__).parameters.values())[1:])
+
+
+NaturalGradient.__signature__ = _init_signature(NaturalGradient)
 
 
 class _eval_mode:

@@ -392,3 +392,10 @@ def test_bad_groups_and_model():
         NaturalGradient(lambda x: x, preconditioner="sophia")
     with pytest.raises(ValueError, match="preconditioner:"):
         NaturalGradient(model, preconditioner="sophie")
+
+
+def test_signatures_show_the_options():
+    import inspect
+
+    assert inspect.signature(FisherSophia).parameters["gamma"].default == 0.04
+    assert "kl_clip" in inspect.signature(NaturalGradient).parameters  # not __new__'s (*args, **kwargs)
