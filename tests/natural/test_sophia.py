@@ -399,3 +399,23 @@ def test_signatures_show_the_options():
 
     assert inspect.signature(FisherSophia).parameters["gamma"].default == 0.04
     assert "kl_clip" in inspect.signature(NaturalGradient).parameters  # not __new__'s (*args, **kwargs)
+
+
+def test_huggingface_trainer_drives_it(tmp_path):
+    """Trainer(optimizers=(opt, None)): the Trainer's own forward (model(**batch)), backward, gradient
+    clipping, scheduler and opt.step() (through accelerate's wrapper); the hook captures its batch."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from fisherlib.demo import lm
+
+    model = lm.gpt2("tiny", seed=0)
+    ids = torch.as_tensor(lm.random_ids(16 * 12, 211, seed=1)).reshape(16, 12)
+    rows = [{"input_ids": r, "labels": r} for r in ids]  # the model shifts its labels itself
+    opt = NaturalGradient(model, lr=1e-3, preconditioner="sophia", refresh=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=5, per_device_train_batch_size=4,
+                                          report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                                          seed=0, disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=rows, optimizers=(opt, None)).train()
+    assert opt.steps == 5 and opt.refreshes == 3
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
