@@ -415,3 +415,31 @@ def test_benchmark_script_runs_on_the_tiny_twin(capsys):
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["train step", "hutchinson K=1", "mc K=1",
                                                            "exact head (closed form)"]
     assert all(float(r.split("|")[2].replace(",", "")) > 0 for r in rows[1:])
+    assert all(float(r.split("|")[4].replace(",", "")) > 0 for r in rows[1:])  # CPU time
+
+
+def test_benchmark_kfac_rows_and_stream_on_the_tiny_twin(capsys):
+    from tests._benchmarks import load_benchmark
+
+    threads = torch.get_num_threads()
+    try:
+        load_benchmark("language_model").main(["--quick", "--no-memory", "--repeats", "1", "--length", "8",
+                                               "--rows", "kfac", "--tokens", "48", "--n", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = [r.split("|")[1].strip() for r in out.splitlines() if r.startswith("| ") and "---" not in r]
+    assert rows[1:] == ["train step", "kfac reduce K=1", "kfac expand K=1"]
+    assert "48 tokens in 3 batches (42 with a next token)" in out and "Training steps over the same batches" in out
+    assert "10^6 tokens:" in out and "projected" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_benchmark_says_when_cuda_is_missing():
+    from tests._benchmarks import load_benchmark
+
+    bench = load_benchmark("language_model")
+    with pytest.raises(SystemExit, match="sees no CUDA device"):
+        bench.main(["--quick", "--device", "cuda"])
+    with pytest.raises(SystemExit, match="--device: expected cpu, cuda"):
+        bench.main(["--quick", "--device", "tpu"])
