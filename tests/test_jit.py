@@ -282,3 +282,35 @@ def test_fisher_operator_products_compiled_per_batch_equal_the_eager_pass():
         np.testing.assert_allclose(np.asarray(a.matmat(V)), np.asarray(b.matmat(V)), rtol=1e-10, atol=1e-13)
         assert a.n_inputs == b.n_inputs == 2 * N
         assert a._compiled_matmat(V) is not None and b._compiled_matmat(V) is None  # the path each took
+
+
+def test_logits_in_unit_interval_that_are_not_probabilities_stay_compiled(monkeypatch):
+    """Two logits of a fresh model often lie in [0, 1]: only rows that also sum to 1 (what the
+    probabilities warning looks for) send the first batch eager; these keep the compiled step
+    (no contribution is computed on concrete arrays), and probabilities still warn."""
+    from fisherlib.estimators import _fisher
+    from fisherlib.estimators._running import LogitsWarning
+
+    params = {"w": _normal(60, 3, 2) * 0.05}
+    xs = [_normal(61, N, 3), _normal(62, N, 3)]
+    eager_calls = []
+    square = _fisher._square
+
+    def spy(g, fresh):
+        eager_calls.append(not isinstance(g, jax.core.Tracer))
+        return square(g, fresh)
+
+    monkeypatch.setattr(_fisher, "_square", spy)
+
+    def f(p, x):
+        return 0.4 + x @ p["w"]  # in [0, 1], rows summing to about 0.8: logits, not probabilities
+
+    assert float(jnp.min(f(params, xs[0]))) > 0 and float(jnp.max(f(params, xs[1]))) < 1
+    a = fisherlib.fisher(f, params, xs, probes=2, seed=0)
+    assert eager_calls and not any(eager_calls)  # traced only: the compiled step took both batches
+    b = fisherlib.fisher(f, params, xs, probes=2, seed=0, backend=_eager(fisherlib.backends.get("jax")))
+    assert any(eager_calls)
+    for u, v in zip(jax.tree_util.tree_leaves(a.value), jax.tree_util.tree_leaves(b.value), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-14)
+    with pytest.warns(LogitsWarning, match="look like"):
+        fisherlib.fisher(lambda p, x: jax.nn.softmax(x @ p["w"]), params, xs, probes=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -294,9 +295,11 @@ def fisher(
 
     out_names = names if structure in ("diag", "sketch") else (
         ["trace"] if structure == "trace" else [blk.name for blk in plan])
-    if finite_fn is not None and is_eager(parts[0]):  # sums carry inf and NaN on: checked once, compiled
-        nonfinite = finite_fn(parts)
-    _check_finite(parts, out_names, nonfinite)
+    if finite_fn is not None and is_eager(parts[0]):  # sums carry inf and NaN on: checked once, compiled;
+        if bool(np.asarray(_to_host(finite_fn(parts)))):  # the error names the parts
+            _check_finite(parts, out_names)
+    else:
+        _check_finite(parts, out_names, nonfinite)
     deterministic = method in DETERMINISTIC
     K = 0 if deterministic else probes
     kind = stderr_kind(method, probes)
@@ -406,9 +409,10 @@ def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index, keep_
             if parts is None:  # the first batch: the contributions' shapes say what the sums hold
                 contrib, out, _ = shapes_of(params, inputs, y, seed)
                 moments = _moments(keep_probes, structure, method, opts["probes"], contrib)
-                xp = array_namespace(leaf[0])
-                parts = [xp.zeros((2, *c.shape[1:]) if moments else c.shape, dtype=c.dtype, device=device(leaf[0]))
-                         for c in contrib]
+                # The zero sums from one compiled call (on the parameters' device): an eager zeros per
+                # leaf compiled a program per shape, seconds for a transformer's few dozen leaves.
+                specs = tuple(((2, *c.shape[1:]) if moments else tuple(c.shape), c.dtype) for c in contrib)
+                parts = comp(functools.partial(_zeros, specs), key=("fisher.zeros", specs))(leaf[0])
                 C = out.shape[-1]
             else:
                 C = None
@@ -422,7 +426,7 @@ def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index, keep_
 
     # The sums' finiteness once after the last batch (inf and NaN stay in a sum), not per batch:
     # a pass over the parameters' size each batch was a tenth of a small model's step.
-    run.nonfinite = comp(_nonfinite_flags, key=("fisher.nonfinite",))
+    run.nonfinite = comp(_any_nonfinite, key=("fisher.nonfinite",))
     return run
 
 
@@ -441,13 +445,17 @@ def _raise_flagged(flags: list, C: int, likelihood: str) -> int:
 
 
 def _flags(out, y, m, method, likelihood):
-    """[what is wrong with the logits (an index into LOGITS_PROBLEMS), logits in [0, 1] (maybe
-    probabilities), labels out of range, outputs counted]: what the eager checks of one batch
+    """[what is wrong with the logits (an index into LOGITS_PROBLEMS), rows that look like
+    probabilities, labels out of range, outputs counted]: what the eager checks of one batch
     look at, as one array."""
     xp = array_namespace(out)
     z = xp.reshape(out, (-1, out.shape[-1]))
     bad = logits_problem_code(z, xp, softmax=likelihood == "softmax", finite=likelihood == "sigmoid")
-    probs = xp.all((z >= 0) & (z <= 1))
+    # What warn_if_probabilities warns about (rows in [0, 1] summing to 1), not just values in
+    # [0, 1]: two logits of a fresh model often lie there, and each flag sends the batch eager.
+    C = z.shape[-1]
+    probs = (xp.all((z >= 0) & (z <= 1)) & xp.all(xp.abs(xp.sum(z, axis=-1) - 1) <= 1e-4 * C)
+             if likelihood == "softmax" and C >= 2 else xp.asarray(False, device=device(z)))
     labels = xp.asarray(False)
     if method == "empirical" and y is not None:  # the range checks of _labels
         C = z.shape[-1]
@@ -456,6 +464,12 @@ def _flags(out, y, m, method, likelihood):
     count = _outputs.count(m, tuple(out.shape))
     return xp.stack([xp.astype(bad, z.dtype), xp.astype(probs, z.dtype), xp.astype(labels, z.dtype),
                      xp.astype(xp.asarray(count, device=device(z)), z.dtype)])
+
+
+def _zeros(specs, like):
+    """Zero arrays of the (shape, dtype) ``specs`` (``like`` places them), pure."""
+    xp = array_namespace(like)
+    return [xp.zeros(shape, dtype=dtype) for shape, dtype in specs]
 
 
 def _fold_fn(moments):
@@ -702,6 +716,16 @@ def _nonfinite_flags(parts: list) -> Array:
     xp = array_namespace(*parts)
     return xp.stack([~(xp.isfinite(xp.max(x)) & xp.isfinite(xp.min(x))) if math.prod(x.shape)
                      else xp.asarray(False, device=device(x)) for x in parts])
+
+
+def _any_nonfinite(parts: list) -> Array:
+    """Whether any part holds inf or NaN, pure: one max and one min over all the parts at once (a
+    program that compiles in a fraction of :func:`_nonfinite_flags`' two reductions per part)."""
+    xp = array_namespace(*parts)
+    flat = xp.concat([xp.reshape(x, (-1,)) for x in parts])
+    if flat.shape[0] == 0:
+        return xp.asarray(False)
+    return ~(xp.isfinite(xp.max(flat)) & xp.isfinite(xp.min(flat)))
 
 
 def _to_host(a):

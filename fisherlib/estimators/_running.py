@@ -560,7 +560,7 @@ class _Shared:
 
 def _whole(be, model, lay, opts, params, inputs, targets, state, seed):
     """One training step with K probes, pure (what :meth:`RunningFisher._whole_step` compiles):
-    (loss, gradient tree, new state, flags [targets out of range, none counted, logits in [0, 1]])."""
+    (loss, gradient tree, new state, flags [targets out of range, none counted, rows like probabilities])."""
     K, dist, decay, ignore_index = opts
     logits, vjp = (getattr(be, "train_linearize", None) or be.linearize)(model, params, inputs)
     z = _flat(logits)
@@ -585,7 +585,8 @@ def _whole(be, model, lay, opts, params, inputs, targets, state, seed):
     named = be.leaves(pulled)
     grads = be.unflatten(pulled, [g[0, ...] for _, g in named])
     new = fold(lay, state, _rows([g[1:, ...] for _, g in named]), counted, decay)
-    like_probs = xp.all((z >= 0) & (z <= 1))
+    # warn_if_probabilities' condition (rows in [0, 1] summing to 1): a flag sends the step eager
+    like_probs = xp.all((z >= 0) & (z <= 1)) & xp.all(xp.abs(xp.sum(z, axis=-1) - 1) <= 1e-4 * C)
     flags = xp.stack([xp.any(bad), xp.asarray(counted) == 0, like_probs])
     return value, grads, new, flags
 
