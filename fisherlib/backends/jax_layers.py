@@ -268,7 +268,10 @@ class LayerCapture:
         else:
             rows = [pull_one(self._pullback, ct[k]) for k in range(ct.shape[0])]
             gs = [jnp.concatenate(r, axis=0) for r in zip(*rows)]
-        return [Layer(s.kind, leaves, shapes, x, gs[k], layout=s.layout, num=s.num, scan=_scan)
+        # The loop over inputs inside a compiled program only: run eagerly, lax.scan would compile
+        # its body anew on every call, and the batched products are the faster eager route.
+        scan = _scan if gs and isinstance(gs[0], jax.core.Tracer) else None
+        return [Layer(s.kind, leaves, shapes, x, gs[k], layout=s.layout, num=s.num, scan=scan)
                 for s, x, leaves, shapes, k in self.calls]
 
 
