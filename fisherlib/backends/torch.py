@@ -443,7 +443,7 @@ class TorchBackend:
         (ct,) = torch.autograd.grad(value, z)
         return logits, value.detach(), ct, vjp
 
-@functools.lru_cache(maxsize=16)
+
 class _Rows:
     """A draw by rows: ``rows(a, b)`` is rows a..b-1 (axis 1) of an array of ``shape``."""
 

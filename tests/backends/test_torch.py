@@ -216,6 +216,21 @@ def test_probe_rows_are_the_probes_rows(torch, be, shape):
         be.probe_rows(4, (5,), "rademacher", like)
 
 
+def test_probe_rows_keep_nothing_alive(torch, be):
+    """A draw by rows holds ``like`` (a batch's logits) only while it lives: no cache keeps the
+    draws, which kept one (N·T, V) logits array per batch of a language-model stream alive."""
+    import gc
+    import weakref
+
+    like = torch.zeros(3, 4)
+    gone = weakref.ref(like)
+    rows = be.probe_rows(0, (1, 3, 4), "rademacher", like)
+    rows(0, 3)
+    del rows, like
+    gc.collect()
+    assert gone() is None
+
+
 def test_leaves_and_unflatten_round_trip(torch, be):
     tree = {"a": [torch.ones(2), torch.zeros(3)], "b": (torch.ones(1), 7), "c": torch.arange(3)}
     named = be.leaves(tree)
