@@ -271,6 +271,7 @@ def fisher(
         n = shape[0]  # inputs; z has a row per output (position)
         if kron is not None:
             kron.add(be, model, params, inputs, cts, capture, m, shape, names, shapes, opts["chunk_size"])
+            del out, vjp, capture, cts  # before the next batch's forward (see below)
             parts = kron.parts  # marks the first batch done
             n_inputs += n
             n_outputs += _outputs.count(m, shape)
@@ -285,6 +286,10 @@ def fisher(
         n_inputs += n
         n_outputs += _outputs.count(m, shape)
         bar.inputs(n_inputs, n_outputs)
+        # This batch's arrays go now, not when the next batch's replace them: its contributions
+        # (the size of the parameters, once added into the sums) and its logits and cotangents
+        # would otherwise be held through the next batch's forward and backward.
+        del out, vjp, capture, cts, contrib
     if kron is not None:
         return _kronecker_estimate(kron, opts, structure, be, template, names, shapes, n_inputs, n_outputs,
                                    done, reduction)
