@@ -226,6 +226,34 @@ def test_fisher_compiles_each_batch_step_once_and_agrees_with_the_eager_path():
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-14)
 
 
+def test_compiled_step_shapes_are_traced_once_per_signature():
+    """The first batch's abstract evaluation is cached by the arguments' structure, shapes and
+    dtypes: a call with the same shapes adds no entry, a new batch size or input dtype adds one
+    and still gives the eager path's estimate."""
+    from fisherlib.backends import get
+    from fisherlib.estimators import _fisher
+
+    params = {"w1": _normal(40, 3, 4), "b1": _normal(41, 4), "w2": _normal(42, 4, C), "b2": _normal(43, C)}
+    be = get("jax")
+    _fisher._SHAPES.clear()
+    for n in (N, N, 6):  # the second call hits the first's entry
+        xs = [_normal(44, n, 3), _normal(45, n, 3)]
+        a = fisherlib.fisher(_mlp, params, xs, probes=2, seed=3, backend=be)
+        b = fisherlib.fisher(_mlp, params, xs, probes=2, seed=3, backend=_eager(be))
+        assert a.n_inputs == b.n_inputs == 2 * n
+        for u, v in zip(jax.tree_util.tree_leaves(a.value), jax.tree_util.tree_leaves(b.value), strict=True):
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-14)
+    assert len(_fisher._SHAPES) == 2
+    wide = {"w1": _normal(46, 3, 5), "b1": _normal(47, 5), "w2": _normal(48, 5, C), "b2": _normal(49, C)}
+    a = fisherlib.fisher(_mlp, wide, xs, probes=2, seed=3, backend=be)  # the same function, other parameters
+    b = fisherlib.fisher(_mlp, wide, xs, probes=2, seed=3, backend=_eager(be))
+    assert a.value["w1"].shape == (3, 5)
+    for u, v in zip(jax.tree_util.tree_leaves(a.value), jax.tree_util.tree_leaves(b.value), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-14)
+    fisherlib.fisher(_mlp, params, [(_normal(44, N, 3), jnp.asarray([0, 1, 2, 0]))], method="empirical", backend=be)
+    assert len(_fisher._SHAPES) == 4  # other options: another step key
+
+
 def test_compiled_step_keeps_the_eager_errors():
     params = {"w1": _normal(30, 3, 4), "b1": _normal(31, 4), "w2": _normal(32, 4, C), "b2": _normal(33, C)}
     x = _normal(34, N, 3)

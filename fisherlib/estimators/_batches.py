@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator
 Array = Any
 Tree = Any
 
-__all__ = ["batches", "is_array", "leaves_of", "map_tree", "n_of", "slice_tree"]
+__all__ = ["batches", "is_array", "leaves_of", "map_tree", "n_of", "signature", "slice_tree"]
 
 
 def is_array(x: Any) -> bool:
@@ -49,6 +49,24 @@ def leaves_of(tree: Tree) -> list[Array]:
     out: list[Array] = []
     map_tree(lambda x: out.append(x) or x, tree)
     return out
+
+
+def signature(tree: Tree) -> tuple | None:
+    """What a compiled function's output shapes can depend on: the containers (types, keys) and
+    every array leaf's shape and dtype, hashable; None when a leaf is not an array or ``None``
+    (a number or a string may change what the function computes)."""
+    if tree is None:
+        return ("None",)
+    if is_array(tree):
+        return (tuple(tree.shape), str(tree.dtype))
+    if isinstance(tree, Mapping):
+        items = [(k, signature(v)) for k, v in tree.items()]
+        ok = all(v is not None and isinstance(k, (str, int)) for k, v in items)
+        return (type(tree).__name__, tuple(items)) if ok else None
+    if isinstance(tree, (tuple, list)):
+        items = [signature(v) for v in tree]
+        return (type(tree).__name__, tuple(items)) if all(v is not None for v in items) else None
+    return None
 
 
 def n_of(tree: Tree, what: str = "inputs") -> int:

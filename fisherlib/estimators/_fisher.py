@@ -8,6 +8,7 @@ import math
 import operator
 import time
 import warnings
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -21,6 +22,7 @@ from . import _blocks, _kfac, _outputs, _products
 from ._batches import batches as _batches
 from ._batches import leaves_of as _leaves_of
 from ._batches import n_of as _batches_n_of
+from ._batches import signature as _signature
 from ._estimate import DETERMINISTIC, FisherEstimate, probe_moments, stderr_kind
 from ._kronecker import KroneckerEstimate
 from ._running import ONE_LOGIT, warn_if_probabilities
@@ -412,7 +414,7 @@ def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index, keep_
         seed = np.uint32(s)
         try:
             if parts is None:  # the first batch: the contributions' shapes say what the sums hold
-                contrib, out, _ = shapes_of(params, inputs, y, seed)
+                contrib, out = _step_shapes(shapes_of, key, be, params, inputs, y, seed)
                 moments = _moments(keep_probes, structure, method, opts["probes"], contrib)
                 # The zero sums from one compiled call (on the parameters' device): an eager zeros per
                 # leaf compiled a program per shape, seconds for a transformer's few dozen leaves.
@@ -433,6 +435,30 @@ def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index, keep_
     # a pass over the parameters' size each batch was a tenth of a small model's step.
     run.nonfinite = comp(_any_nonfinite, key=("fisher.nonfinite",))
     return run
+
+
+_SHAPES: OrderedDict = OrderedDict()  # (step key, signature of the arguments) -> (contributions, logits)
+_SHAPES_SIZE = 64
+
+
+def _step_shapes(shapes_of, key, be, params, inputs, y, seed) -> tuple:
+    """The compiled step's contribution and logit shapes for these arguments, traced once per
+    signature (structure, shapes, dtypes): a new abstract evaluation each call cost 0.4 ms,
+    a fifth of the fixed cost of a call on a small model."""
+    sig = _signature((inputs, y))
+    if sig is None:  # a leaf that is not an array: nothing to key on
+        contrib, out, _ = shapes_of(params, inputs, y, seed)
+        return contrib, out
+    sig = (key, tuple((n, tuple(x.shape), str(x.dtype)) for n, x in be.leaves(params)), sig)
+    hit = _SHAPES.get(sig)
+    if hit is None:
+        contrib, out, _ = shapes_of(params, inputs, y, seed)
+        hit = _SHAPES[sig] = (contrib, out)
+        if len(_SHAPES) > _SHAPES_SIZE:
+            _SHAPES.popitem(last=False)
+    else:
+        _SHAPES.move_to_end(sig)
+    return hit
 
 
 def _raise_flagged(flags: list, C: int, likelihood: str) -> int:
