@@ -16,8 +16,11 @@ For each model (float32, JAX's default configuration), one batch of N inputs:
   (what fisherlib did before: the model's VJP compiled, everything else op by op).
 
 ``first call`` is the first call on a new model function (trace, compile and run the B
-batches), ``per batch`` the median over repeats divided by B, ``/ step`` its ratio to the
-training steps'. All timings come from one run, interleaved (benchmarks/_measure.py);
+batches), ``per batch`` the median over repeats divided by B. Each method also runs over 4B
+batches: ``steady`` is the marginal cost of a batch, (T(4B) − T(B)) / 3B, what a long pass over
+a dataset pays per batch, and ``/ step`` its ratio to the training steps' marginal cost;
+``per call`` is what is left, T(B) − B·steady: a call's fixed cost (``fisher()``'s set-up, the
+sync that checks the batches, the estimate), paid once however many batches it takes. All timings come from one run, interleaved (benchmarks/_measure.py);
 the machine may be shared: quote the ratios and the load printed with them. Models: an MLP
 784-256-256-10 (tanh), a CNN (two 3×3 convolutions, 16 and 32 channels, on 28×28×1, a dense
 head, 10 classes) and a BERT-tiny in flax.linen (vocabulary 30522, 2 layers, hidden 128, 2
@@ -140,12 +143,12 @@ def main(argv=None):
         rng = np.random.default_rng(0)
         f, params, x, C = MODELS[name](jnp, rng, args.n)
         y = jnp.asarray(rng.integers(0, C, args.n), jnp.int32)
-        xs = [x] * B
+        xs, xs_long = [x] * B, [x] * (4 * B)
 
         def block(tree):
             jax.block_until_ready(jax.tree_util.tree_leaves(tree))
 
-        def make(method, f, backend):
+        def make(method, f, backend, xs=xs):
             if method == "train step":
                 fn = jax.jit(jax.value_and_grad(lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
                     f(p, x), y).mean()))
@@ -165,17 +168,22 @@ def main(argv=None):
                 run()
                 first[method + label] = time.perf_counter() - t0
                 calls[method + label] = make(method, f, backend)
+                calls[method + label + " long"] = make(method, f, backend, xs_long)
         times = median_times(calls, args.repeats, warmup=1)
         rows.append((name, first, times))
 
-    print(f"jax {jax.__version__}, float32 (x64 off), B = {B} batches of N = {args.n} per call; "
+    print(f"jax {jax.__version__}, float32 (x64 off), B = {B} and {4 * B} batches of N = {args.n} per call; "
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'model':6s}{'':18s}{'first call (s)':>15s}{'per batch (ms)':>16s}{'/ step':>8s}")
+    print(f"{'model':6s}{'':18s}{'first call (s)':>15s}{'per batch (ms)':>16s}{'steady (ms)':>13s}"
+          f"{'/ step':>8s}{'per call (ms)':>15s}")
     for name, first, times in rows:
-        step = times["train step"]
+        def steady(m):  # the marginal cost of a batch
+            return (times[m + " long"] - times[m]) / (3 * B)
+
         for method in first:
             print(f"{name:6s}{method:18s}{first[method]:15.3f}{1e3 * times[method] / B:16.2f}"
-                  f"{times[method] / step:8.2f}")
+                  f"{1e3 * steady(method):13.2f}{steady(method) / steady('train step'):8.2f}"
+                  f"{1e3 * (times[method] - B * steady(method)):15.2f}")
 
 
 if __name__ == "__main__":
