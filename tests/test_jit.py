@@ -254,6 +254,31 @@ def test_compiled_step_shapes_are_traced_once_per_signature():
     assert len(_fisher._SHAPES) == 4  # other options: another step key
 
 
+@pytest.mark.parametrize("kw", [
+    {"probes": 3, "seed": 1},  # probes: the spread of K probes
+    {"probes": 3, "seed": 1, "keep_probes": False, "reduction": "mean"},  # kept moments, scaled
+    {"probes": 1, "seed": 1, "structure": "blocks", "blocks": "unitwise"},  # the K = 1 bound, blocks
+    {"method": "mc", "probes": 1, "seed": 1},  # unavailable: NaN
+    {"method": "exact", "structure": "trace"},  # exact: zeros
+], ids=["probes", "moments-mean", "bound-blocks", "unavailable", "exact-trace"])
+def test_estimate_reads_compiled_equal_the_eager_reads(kw):
+    """value and stderr of an estimate made on JAX are read in one compiled call; they equal the
+    reads of the same estimate's NumPy copy (op by op), whatever the kind of error bar."""
+    params = {"w1": _normal(50, 3, 4), "b1": _normal(51, 4), "w2": _normal(52, 4, C), "b2": _normal(53, C)}
+    est = fisherlib.fisher(_mlp, params, [_normal(54, N, 3), _normal(55, N, 3)], **kw)
+    assert est._compile is not None
+    ref = est.to_numpy()
+    for what in ("value", "stderr"):
+        got, want = getattr(est, what), getattr(ref, what)
+        got_leaves, want_leaves = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+        assert len(got_leaves) == len(want_leaves) > 0
+        for g, w in zip(got_leaves, want_leaves):
+            assert isinstance(g, jax.Array)
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-12, atol=1e-15, equal_nan=True)
+    if kw.get("method") == "mc":
+        assert np.isnan(np.asarray(jax.tree_util.tree_leaves(est.stderr)[0])).all()
+
+
 def test_compiled_step_keeps_the_eager_errors():
     params = {"w1": _normal(30, 3, 4), "b1": _normal(31, 4), "w2": _normal(32, 4, C), "b2": _normal(33, C)}
     x = _normal(34, N, 3)

@@ -318,6 +318,7 @@ def fisher(
         stderr_kind=kind, seed=seed if not deterministic else None,
         block_shapes=_blocks.shapes_of(plan) if plan else {}, _tree=tree, n_outputs=n_outputs,
         draws=_record(done, None if deterministic else seed), moments=bool(moments),
+        _compile=getattr(be, "compile", None),
     )
 
 

@@ -95,8 +95,8 @@ def _dump_estimate(est: FisherEstimate, parts: bool) -> tuple[dict[str, np.ndarr
         raise ValueError("est: a low-rank sketch has no per-parameter tensors to name; save it "
                          "with FisherEstimate.save to a .npz path")
     header = _header_strings(est, _FIELDS)
-    values = [est._mean(x) for x in est.parts]  # lists in the estimate's order, for any tree
-    errors = [est._stderr(x) for x in est.parts]
+    values = est._read("value")  # lists in the estimate's order, for any tree
+    errors = est._read("stderr")
     tensors: dict[str, np.ndarray] = {}
     for i, name in enumerate(est.names):
         if "/" in name:

@@ -79,9 +79,9 @@ def diagonal(fisher: Any, leaves: Leaves, argname: str = "fisher",
         missing = [n for n in leaves.names if n not in by_name]
         if missing:
             raise ValueError(f"{argname}: the estimate has no leaves {missing}; it has {fisher.names}")
-        parts = [fisher.parts[by_name[n]] for n in leaves.names]
-        values = [fisher._mean(p) for p in parts]
-        errors = [fisher._stderr(p) for p in parts]
+        order = [by_name[n] for n in leaves.names]
+        values, errors = fisher._read("value"), fisher._read("stderr")
+        values, errors = [values[i] for i in order], [errors[i] for i in order]
         out = [_to(v, ref) for v, ref in zip(values, leaves.arrays)]
         return (out, [_to(e, ref) for e, ref in zip(errors, leaves.arrays)]) if stderr else out
     if isinstance(fisher, Mapping) and set(leaves.names) <= set(fisher):
