@@ -38,8 +38,9 @@ class Backend(Protocol):
     Also optional: ``compile(fn, *, key=None) -> fn'``, a compiler for pure array functions
     (JAX: ``jax.jit``). With it :func:`~fisherlib.fisher` and
     :class:`~fisherlib.estimators.RunningFisher` run each batch's whole step (forward or layer
-    I/O, cotangents, pullback, reduction) as one compiled call; ``key`` (hashable: the model,
-    the options) caches the compiled function, so that an equal key returns the first one's.
+    I/O, cotangents, pullback, reduction) as one compiled call, and the estimate it returns
+    reads its value and standard error in one; ``key`` (hashable: the model, the options)
+    caches the compiled function, so that an equal key returns the first one's.
     Without it they run the same code eagerly. The step must trace: no values read on the host.
 
     Optional execution hints (no mathematics; estimators read them with ``getattr``):
