@@ -10,6 +10,8 @@ For each model (float32, JAX's default configuration), one batch of N inputs:
   VJP) per batch, and its ``.value``;
 * ``exact``: ``fisher(..., method="exact")`` through the layer I/O (C cotangent columns to every
   layer output, per-example squared sums);
+* ``hutchinson K=C`` (not by default: ``--methods``): C probes, C batch VJPs and no per-example
+  products, the part of ``exact``'s cost that the C columns' backward passes set;
 * ``running``: ``RunningFisher("diag", probes=1).step`` on each batch, the training step with
   its probe;
 * ``... eager``: the same through a copy of the JAX backend without its ``compile`` capability
@@ -156,7 +158,7 @@ def main(argv=None):
             if method == "running":
                 rf = RunningFisher("diag", probes=1, decay=0.9, stderr=False, backend=backend)
                 return lambda: block([rf.step(f, params, x, y) for x in xs])
-            kw = {"probes": 1} if method == "hutchinson" else {"method": "exact"}
+            kw = {"hutchinson": {"probes": 1}, "hutchinson K=C": {"probes": C}, "exact": {"method": "exact"}}[method]
             return lambda: block(fisherlib.fisher(f, params, xs, seed=0, backend=backend, **kw).value)
 
         first, calls = {}, {}
