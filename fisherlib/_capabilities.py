@@ -201,7 +201,8 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
         "jit": _yes(
             "`compile(fn, key=)`: `fisher()` and `RunningFisher.step` compile each batch's whole "
             "step (forward or layer I/O, cotangents, pullback, reduction) once per model, options "
-            "and shape; the core, the adapter and the estimators also trace inside your own `jit` "
+            "and shape, and a `FisherEstimate` from `fisher()` reads `value` and `stderr` in one "
+            "compiled call; the core, the adapter and the estimators also trace inside your own `jit` "
             "(`tests/test_jit.py`); `backends.get(\"jax\", jit=False)` compiles nothing"
         ),
         "float64": _depends("needs `jax.config.update(\"jax_enable_x64\", True)`; else float32", "x64"),
