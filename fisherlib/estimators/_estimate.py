@@ -106,7 +106,7 @@ class FisherEstimate:
     def _read(self, what: str) -> list:
         """Every part's value or standard error; one compiled call where the backend that made
         the estimate offers ``compile`` (JAX compiles each eager operation anew per shape: two
-        per leaf here, 10-30 ms each on a first read, half of a small model's first call)."""
+        per leaf here, 10-30 ms each on a first read, a quarter of a small model's first call)."""
         fn = _mean if what == "value" else _stderr
         how = (self.moments, self.structure, self.stderr_kind)
         if (self._compile is None or self.structure == "sketch" or not self.parts

@@ -80,10 +80,12 @@ def diagonal(fisher: Any, leaves: Leaves, argname: str = "fisher",
         if missing:
             raise ValueError(f"{argname}: the estimate has no leaves {missing}; it has {fisher.names}")
         order = [by_name[n] for n in leaves.names]
-        values, errors = fisher._read("value"), fisher._read("stderr")
-        values, errors = [values[i] for i in order], [errors[i] for i in order]
-        out = [_to(v, ref) for v, ref in zip(values, leaves.arrays)]
-        return (out, [_to(e, ref) for e, ref in zip(errors, leaves.arrays)]) if stderr else out
+        values = fisher._read("value")
+        out = [_to(values[i], ref) for i, ref in zip(order, leaves.arrays)]
+        if not stderr:  # the standard errors only when asked for: a read costs a pass over F
+            return out
+        errors = fisher._read("stderr")
+        return out, [_to(errors[i], ref) for i, ref in zip(order, leaves.arrays)]
     if isinstance(fisher, Mapping) and set(leaves.names) <= set(fisher):
         values = [fisher[n] for n in leaves.names]
     else:
