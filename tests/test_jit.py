@@ -367,3 +367,41 @@ def test_logits_in_unit_interval_that_are_not_probabilities_stay_compiled(monkey
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-14)
     with pytest.warns(LogitsWarning, match="look like"):
         fisherlib.fisher(lambda p, x: jax.nn.softmax(x @ p["w"]), params, xs, probes=1)
+
+
+def _token_model(p, ids):
+    """Every kind of layer the JAX rules take: an embedding, an additive position table, a scale
+    and shift, a shared-position dense layer and a head."""
+    h = (p["emb"][ids] + p["pos"]) * p["scale"] + p["shift"]
+    return jnp.tanh(h @ p["w"] + p["b"]).mean(1) @ p["head"]
+
+
+@pytest.mark.parametrize("kw", [{"method": "exact"}, {"method": "empirical"}, {"method": "exact", "structure": "trace"},
+                                {"method": "exact", "structure": "blocks", "blocks": "unitwise"}, {"probes": 2}])
+def test_compiled_step_takes_every_layer_kind(kw, monkeypatch):
+    """The compiled step must not fall back to the eager path on a layer kind it cannot trace (an
+    embedding's rows present, ``unique_values``, did: every language model ran exact op by op,
+    7x slower). Repeated token ids within an input check the embedding's per-example sums."""
+    from fisherlib.backends import get
+    from fisherlib.estimators import _fisher
+
+    V, T, D = 11, 5, 3
+    params = {"emb": _normal(70, V, D), "pos": _normal(71, T, D), "scale": _normal(72, D), "shift": _normal(73, D),
+              "w": _normal(74, D, 4), "b": _normal(75, 4), "head": _normal(76, 4, C)}
+    ids = [jnp.asarray([[1, 1, 3, 1, 0], [4, 2, 2, 9, 9], [0, 0, 0, 0, 0], [7, 3, 1, 10, 3]]),
+           jnp.asarray([[5, 6, 5, 6, 5], [1, 2, 3, 4, 5], [8, 8, 2, 8, 1], [0, 9, 9, 0, 9]])]
+    data = [(x, jnp.asarray([0, 2, 1, 1])) for x in ids] if kw.get("method") == "empirical" else ids
+    concrete = []
+    cotangents = _fisher._batch_cotangents
+
+    def spy(be, model, params, *rest):
+        concrete.append(not isinstance(jax.tree_util.tree_leaves(params)[0], jax.core.Tracer))
+        return cotangents(be, model, params, *rest)
+
+    monkeypatch.setattr(_fisher, "_batch_cotangents", spy)
+    a = fisherlib.fisher(_token_model, params, data, seed=0, **kw)
+    assert concrete and not any(concrete), kw  # traced only: the compiled step took both batches
+    b = fisherlib.fisher(_token_model, params, data, seed=0, backend=_eager(get("jax")), **kw)
+    assert all(concrete[2:])
+    for u, v in zip(jax.tree_util.tree_leaves(a.value), jax.tree_util.tree_leaves(b.value), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-14)

@@ -271,8 +271,14 @@ class LayerCapture:
         # The loop over inputs inside a compiled program only: run eagerly, lax.scan would compile
         # its body anew on every call, and the batched products are the faster eager route.
         scan = _scan if gs and isinstance(gs[0], jax.core.Tracer) else None
-        return [Layer(s.kind, leaves, shapes, x, gs[k], layout=s.layout, num=s.num, scan=scan)
+        return [Layer(s.kind, leaves, shapes, x, gs[k], layout=s.layout, num=s.num, scan=scan, add_rows=_add_rows)
                 for s, x, leaves, shapes, k in self.calls]
+
+
+def _add_rows(values, rows, num):
+    """The core's scatter-add (:class:`~fisherlib.core.layers.Layer`'s ``add_rows``): a (V, num, D)
+    table with ``values[:, k]`` added at row ``rows[k]``; it traces, where ``unique_values`` does not."""
+    return jnp.zeros((values.shape[0], num, values.shape[-1]), values.dtype).at[:, rows].add(values)
 
 
 def _scan(step, init, arrays):

@@ -72,6 +72,12 @@ class Layer:
         ``jax.lax.scan``). Given, a shared-position dense layer's diagonal is formed one input at
         a time, each input's gradients by one 2-D matrix product: a compiled batched product of
         many small matrices was 5× slower on a CPU. None: chunks of inputs, batched products.
+    add_rows : callable or None
+        The adapter's scatter-add, ``add_rows(values, rows, num)``: a (V, num, D) table of zeros
+        with ``values[:, k]`` added at row ``rows[k]`` (JAX: ``.at[].add``). Given, an embedding's
+        diagonal goes into the table in one pass over the positions, which traces under
+        ``jax.jit``; None: the rows present (``unique_values``, whose length depends on the
+        values) and a one-hot product, as the Array API allows.
     """
 
     kind: str
@@ -83,6 +89,7 @@ class Layer:
     num: int = 0
     padding: int | None = None
     scan: Callable | None = None
+    add_rows: Callable | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -231,8 +238,9 @@ def _embedding_diag(layer, g, sum_probes, *, xp):
 
     For each input the square of a row's sum is Σ_s g_s · (Σ_{s' same row} g_s'), so each
     position contributes g_s · h_s with h = E g (E[s, s'] = 1 where the rows agree); the
-    contributions are then added per row with a one-hot product over the distinct rows present
-    (the Array API has no scatter-add) and placed into the table.
+    contributions are then added per row: by the adapter's ``add_rows`` where it has one, else
+    with a one-hot product over the distinct rows present (the Array API has no scatter-add)
+    placed into the table.
     """
     idx = layer.x
     V, N, S, D = g.shape
@@ -241,9 +249,11 @@ def _embedding_diag(layer, g, sum_probes, *, xp):
     c = g * xp.matmul(same[None, ...], g)  # (V, N, S, D)
     if sum_probes:
         c = xp.sum(c, axis=0, keepdims=True)
-    rows = xp.unique_values(xp.reshape(idx, (-1,)))
     flat = xp.reshape(idx, (-1,))
     c = xp.reshape(c, (c.shape[0], N * S, D))
+    if layer.add_rows is not None:
+        return {"weight": layer.add_rows(c, flat, layer.num)}
+    rows = xp.unique_values(flat)
     step = max(1, _ELEMENTS // max(1, rows.shape[0]))
     total = None
     for a in range(0, N * S, step):

@@ -255,7 +255,7 @@ class Accumulator:
             xp.matmul(g, QG[0])
         if block.kind == "embedding":
             rot = core_layers.Layer("embedding", {"weight": "w"}, {"weight": (block.inputs, block.out)}, layer.x, g,
-                                    num=block.inputs, padding=block.padding)
+                                    num=block.inputs, padding=block.padding, add_rows=layer.add_rows)
             d = core_layers.diag(rot, sum_probes=self.summed)["weight"]  # (V, num, D)
             return xp.matrix_transpose(d)[:, None, ...]
         x = kronecker.refit_inputs(_inputs_with_bias(block, layer.x, xp=xp), QA)
