@@ -377,11 +377,14 @@ def _token_model(p, ids):
 
 
 @pytest.mark.parametrize("kw", [{"method": "exact"}, {"method": "empirical"}, {"method": "exact", "structure": "trace"},
-                                {"method": "exact", "structure": "blocks", "blocks": "unitwise"}, {"probes": 2}])
+                                {"method": "exact", "structure": "blocks", "blocks": "unitwise"}, {"probes": 2},
+                                {"structure": "kfac", "probes": 2}, {"structure": "kfac", "method": "empirical"},
+                                {"structure": "ekfac", "method": "exact"}])
 def test_compiled_step_takes_every_layer_kind(kw, monkeypatch):
     """The compiled step must not fall back to the eager path on a layer kind it cannot trace (an
     embedding's rows present, ``unique_values``, did: every language model ran exact op by op,
-    7x slower). Repeated token ids within an input check the embedding's per-example sums."""
+    7x slower), and K-FAC's and EK-FAC's steps are compiled too. Repeated token ids within an
+    input check the embedding's per-example sums."""
     from fisherlib.backends import get
     from fisherlib.estimators import _fisher
 
@@ -401,7 +404,9 @@ def test_compiled_step_takes_every_layer_kind(kw, monkeypatch):
     monkeypatch.setattr(_fisher, "_batch_cotangents", spy)
     a = fisherlib.fisher(_token_model, params, data, seed=0, **kw)
     assert concrete and not any(concrete), kw  # traced only: the compiled step took both batches
+    n = len(concrete)
     b = fisherlib.fisher(_token_model, params, data, seed=0, backend=_eager(get("jax")), **kw)
-    assert all(concrete[2:])
-    for u, v in zip(jax.tree_util.tree_leaves(a.value), jax.tree_util.tree_leaves(b.value), strict=True):
+    assert all(concrete[n:])
+    for u, v in zip(jax.tree_util.tree_leaves((a.value, a.parts)), jax.tree_util.tree_leaves((b.value, b.parts)),
+                    strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-14)

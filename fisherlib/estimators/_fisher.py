@@ -9,6 +9,7 @@ import operator
 import time
 import warnings
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -238,6 +239,12 @@ def fisher(
             be = _with_output(_resolve_backend(backend, params if params is not None else inputs), logits)
             if structure not in KRONECKER and params is not None:
                 step = _compiled_step(be, model, opts, structure, blocks, mask, ignore_index, keep_probes)
+            elif params is not None:
+                template = params
+                names = [n for n, _ in be.leaves(template)]
+                shapes = [tuple(x.shape) for _, x in be.leaves(template)]
+                kron = _kron_accumulator(opts, structure, keep_probes, basis, names, kfac_approx)
+                step = _compiled_kron_step(be, model, opts, structure, mask, ignore_index, kron, keep_probes)
         done.append(next(index))
         s = _batch_seed(opts["seed"], b if done[-1] is None else done[-1], opts.get("stream", 0))
         got = step(params, inputs, y, s, b, parts, moments) if step is not None else None
@@ -264,12 +271,7 @@ def fisher(
             shapes = [tuple(x.shape) for _, x in be.leaves(template)]
             plan = _blocks.plan(names, shapes, blocks) if structure == "blocks" else None
             if structure in KRONECKER:
-                kron = _kfac.Accumulator(
-                    kfac_approx, method in DETERMINISTIC,
-                    lambda c: _moments(keep_probes, structure, method, probes, c),
-                    basis=_kfac.eigenbases(basis, names) if structure == "ekfac" else None,
-                    blocks=basis.blocks if structure == "ekfac" else None,
-                    fallback=list(basis.fallback) if structure == "ekfac" else [])
+                kron = _kron_accumulator(opts, structure, keep_probes, basis, names, kfac_approx)
         n = shape[0]  # inputs; z has a row per output (position)
         if kron is not None:
             kron.add(be, model, params, inputs, cts, capture, m, shape, names, shapes, opts["chunk_size"])
@@ -293,6 +295,8 @@ def fisher(
         # would otherwise be held through the next batch's forward and backward.
         del out, vjp, capture, cts, contrib
     if kron is not None:
+        if pending:
+            n_outputs += _raise_flagged(pending, C, likelihood)
         return _kronecker_estimate(kron, opts, structure, be, template, names, shapes, n_inputs, n_outputs,
                                    done, reduction)
     if parts is None:
@@ -438,7 +442,100 @@ def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index, keep_
     return run
 
 
-_SHAPES: OrderedDict = OrderedDict()  # (step key, signature of the arguments) -> (contributions, logits)
+def _kron_accumulator(opts, structure, keep_probes, basis, names, kfac_approx) -> _kfac.Accumulator:
+    method = opts["method"]
+    return _kfac.Accumulator(
+        kfac_approx, method in DETERMINISTIC,
+        lambda c: _moments(keep_probes, structure, method, opts["probes"], c),
+        basis=_kfac.eigenbases(basis, names) if structure == "ekfac" else None,
+        blocks=basis.blocks if structure == "ekfac" else None,
+        fallback=list(basis.fallback) if structure == "ekfac" else [])
+
+
+def _compiled_kron_step(be, model, opts, structure, mask, ignore_index, kron, keep_probes):
+    """:func:`_compiled_step` for K-FAC and EK-FAC: one compiled call per batch adds the
+    batch's factor terms into ``kron``'s sums (op by op, a JAX batch cost 12-37 training steps).
+
+    The first batch's blocks, fallback leaves and ``moments`` come from an abstract evaluation
+    of the step (cached per signature, as :func:`_step_shapes`); they are static in the
+    compiled step, and the eigenbases of EK-FAC are its arguments. ``run`` has
+    :func:`_compiled_step`'s signature and sets ``kron``'s state; None where the step cannot
+    take the batch (the eager path then runs it, and raises its own errors).
+    """
+    comp = getattr(be, "compile", None)
+    if comp is None:
+        return None
+    method, likelihood = opts["method"], opts["likelihood"]
+    try:
+        key = ("fisher.kron", be, model, structure, tuple(sorted(opts.items())), mask, ignore_index, keep_probes,
+               None if kron.blocks is None else repr([b.to_dict() for b in kron.blocks]), tuple(kron.fallback))
+        hash(key)
+    except TypeError:
+        return None
+
+    def pure(acc):
+        def step(params, inputs, y, s, basis):
+            out, _, capture, cts, m, y = _batch_cotangents(be, model, params, inputs, y, 0, s, opts, structure,
+                                                           mask, ignore_index)
+            named = be.leaves(params)
+            acc.basis = basis
+            new = acc.terms(be, model, params, inputs, cts, capture, m, tuple(out.shape), [n for n, _ in named],
+                            [tuple(x.shape) for _, x in named], opts["chunk_size"])
+            return new, out, _flags(out, y, m, method, likelihood)
+
+        return step
+
+    def run(params, inputs, y, s, b, parts, moments):
+        """(parts, flags, moments, C) after this batch; ``kron`` holds them too."""
+        leaf = _leaves_of(params)[:1]
+        if not all(is_eager(a) for a in _leaves_of(inputs)[:1] + leaf):
+            return None
+        if y is not None and not hasattr(y, "shape"):
+            y = np.asarray(y)
+        seed = np.uint32(s)
+        try:
+            C, blocks, fallback = None, kron.blocks, kron.fallback
+            if parts is None:  # the first batch: the blocks, fallback and moments from the shapes
+                sig = _signature((inputs, y))
+                sig = None if sig is None else (key, tuple((n, tuple(x.shape), str(x.dtype))
+                                                           for n, x in be.leaves(params)), sig)
+                hit = _SHAPES.get(sig) if sig is not None else None
+                if hit is None:
+                    acc = replace(kron, parts=None, moments=None, blocks=kron.blocks, fallback=list(kron.fallback))
+                    new, out, _ = comp(pure(acc)).eval_shape(params, inputs, y, seed, kron.basis)
+                    hit = (acc.blocks, acc.fallback, acc.moments, tuple((tuple(t.shape), t.dtype) for t in new),
+                           out.shape[-1])
+                    if sig is not None:
+                        _SHAPES[sig] = hit
+                        if len(_SHAPES) > _SHAPES_SIZE:
+                            _SHAPES.popitem(last=False)
+                blocks, fallback, moments, specs, C = hit
+                parts = comp(functools.partial(_zeros, specs), key=("fisher.zeros", specs))(leaf[0])
+            planned = (repr([b.to_dict() for b in blocks]), tuple(fallback), moments)
+
+            def fold_step(params, inputs, y, s, basis, parts):
+                acc = replace(kron, parts=None, moments=moments, blocks=blocks, fallback=list(fallback))
+                new, _, flags = pure(acc)(params, inputs, y, s, basis)
+                return [a + t for a, t in zip(parts, new)], flags
+
+            new, flags = comp(fold_step, key=key + ("fold",) + planned)(params, inputs, y, seed, kron.basis, parts)
+        except Exception:  # noqa: BLE001 - the eager path runs the batch and raises its own error
+            return None
+        if b == 0 and np.asarray(flags)[:3].any():  # the eager path raises, or warns, for the first batch
+            return None
+        if kron.parts is None:
+            kron.blocks, kron.fallback, kron.moments = blocks, list(fallback), moments
+            _kfac.warn_fallback(kron.fallback, stacklevel=5)
+        kron.parts = new
+        return new, flags, moments, C
+
+    run.nonfinite = None
+    return run
+
+
+# (step key, signature of the arguments) -> (contributions, logits); K-FAC steps' keys ("fisher.kron")
+# -> (blocks, fallback, moments, term shapes, C)
+_SHAPES: OrderedDict = OrderedDict()
 _SHAPES_SIZE = 64
 
 

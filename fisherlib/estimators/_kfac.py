@@ -157,13 +157,22 @@ class Accumulator:
 
     def add(self, be, model, params, inputs, cts, capture, m, shape, names, shapes, chunk_size) -> None:
         """Add one batch: ``cts`` are its cotangent stacks (V, *logits.shape)."""
+        planned = self.blocks is None
+        new = self.terms(be, model, params, inputs, cts, capture, m, shape, names, shapes, chunk_size)
+        if planned:
+            warn_fallback(self.fallback, stacklevel=5)
+        self.parts = new if self.parts is None else [a + t for a, t in zip(self.parts, new)]
+
+    def terms(self, be, model, params, inputs, cts, capture, m, shape, names, shapes, chunk_size) -> list:
+        """One batch's terms, in the order of :attr:`roles`: pure once the blocks and ``moments``
+        are decided (at the first batch, from the captured layers and the terms' sizes), so
+        that a compiled batch step can hold it."""
         probe_terms = None
         inputs_terms = None
         for ct in cts:
             layers = capture(ct) if capture is not None and capture.calls else []
             if self.blocks is None:
                 self.blocks, self.fallback = plan(layers, names)
-                warn_fallback(self.fallback, stacklevel=5)
             by_name = {_leaf_key(layer): layer for layer in layers}
             missing = [b.name for b in self.blocks if _block_key(b) not in by_name]
             if missing:
@@ -187,8 +196,7 @@ class Accumulator:
         new = []
         for i in range(nb):
             new += [inputs_terms[2 * i], inputs_terms[2 * i + 1], gs[i]]
-        new += rest
-        self.parts = new if self.parts is None else [a + t for a, t in zip(self.parts, new)]
+        return new + rest
 
     # -- per batch ----------------------------------------------------------------------------
 
