@@ -14,6 +14,8 @@ For each model (float32, JAX's default configuration), one batch of N inputs:
   products, the part of ``exact``'s cost that the C columns' backward passes set;
 * ``running``: ``RunningFisher("diag", probes=1).step`` on each batch, the training step with
   its probe;
+* ``kfac`` (not by default: ``--methods``): ``fisher(..., structure="kfac", probes=1)`` and its
+  ``.factors`` (A and G of every dense or embedding layer, one probe per batch);
 * ``... eager``: the same through a copy of the JAX backend without its ``compile`` capability
   (what fisherlib did before: the model's VJP compiled, everything else op by op).
 
@@ -35,6 +37,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -135,6 +138,7 @@ def main(argv=None):
     from fisherlib import backends
     from fisherlib.estimators import RunningFisher
 
+    warnings.simplefilter("ignore", fisherlib.KroneckerFallbackWarning)  # K-FAC: BERT's LayerNorms, every call
     methods = args.methods.split(",")
     be = backends.get("jax")
     eager = copy.copy(be)
@@ -158,6 +162,9 @@ def main(argv=None):
             if method == "running":
                 rf = RunningFisher("diag", probes=1, decay=0.9, stderr=False, backend=backend)
                 return lambda: block([rf.step(f, params, x, y) for x in xs])
+            if method == "kfac":
+                return lambda: block(fisherlib.fisher(f, params, xs, structure="kfac", probes=1, seed=0,
+                                                      backend=backend).factors)
             kw = {"hutchinson": {"probes": 1}, "hutchinson K=C": {"probes": C}, "exact": {"method": "exact"}}[method]
             return lambda: block(fisherlib.fisher(f, params, xs, seed=0, backend=backend, **kw).value)
 
