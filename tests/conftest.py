@@ -5,7 +5,9 @@
   framework is missing, or a GPU backend without a GPU, is skipped with the reason.
   ``library`` gives the :class:`~tests._backends.Backend` itself.
 * Tests marked ``gpu`` skip cleanly when no GPU is available.
-* JAX runs in float64 (``jax_enable_x64``), so that float64 tests mean float64 on every backend.
+* JAX runs in float64 (``jax_enable_x64``), so that float64 tests mean float64 on every backend,
+  and without XLA's backend optimisations (``JAX_DISABLE_MOST_OPTIMIZATIONS=1`` unless set),
+  which cost compile time and change no result beyond rounding.
 * Hypothesis: the default profile ``fisherlib`` is deterministic (``derandomize``) with 30
   examples and no deadline, so the suite neither flakes nor runs long; ``--hypothesis-profile
   explore`` draws 500 fresh examples per test to hunt for counterexamples.
@@ -59,6 +61,11 @@ def pytest_configure(config):
         import jax
 
         jax.config.update("jax_enable_x64", True)
+        # The tests check results, not speed, and most of the JAX part's time is XLA compiling
+        # small programs: without LLVM's optimisations it took 146 s instead of 183 s (subprocesses
+        # inherit the variable; set it to 0 to test the optimised code).
+        os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+        jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
 
 
 def pytest_collection_modifyitems(config, items):
