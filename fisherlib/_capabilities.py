@@ -199,7 +199,8 @@ CAPABILITIES: dict[str, dict[str, Support]] = {
             "variables, `eqx.partition`)"
         ),
         "jit": _yes(
-            "`compile(fn, key=)`: `fisher()` and `RunningFisher.step` compile each batch's whole "
+            "`compile(fn, key=)`: `fisher()` (every structure, K-FAC and EK-FAC included) and "
+            "`RunningFisher.step` compile each batch's whole "
             "step (forward or layer I/O, cotangents, pullback, reduction) once per model, options "
             "and shape, and a `FisherEstimate` from `fisher()` reads `value` and `stderr` in one "
             "compiled call; the core, the adapter and the estimators also trace inside your own `jit` "
