@@ -30,6 +30,11 @@ Array = Any
 # Elements of per-example gradients (probes x inputs x parameters) held at once.
 ELEMENTS = 1 << 24
 
+# Cotangent entries (columns x every captured layer output) one chunk of exact columns pulls back:
+# about a CPU's cache. A 10-class CNN's ten columns at once (3M entries) took twice as long on
+# JAX as chunks of three, and 1.2x as long on torch (benchmarks/jax_compiled.py, docs/benchmarks.md).
+COLUMN_ELEMENTS = 1 << 20
+
 
 def forward(be, model, params, inputs):
     """(logits, capture) through the adapter's layer I/O, or None when it has none."""
@@ -51,7 +56,7 @@ def column_chunks(z: Array, shape: tuple[int, ...], opts: dict, per_column: int)
     N, C = shape[0], shape[-1]
     T = math.prod(shape[1:-1])
     M, columns = cotangents.column_source(z, opts["likelihood"], opts["bound"], opts["rank"])
-    step = max(1, min(M, ELEMENTS // max(1, per_column, z.shape[0] * C)))
+    step = max(1, min(M, COLUMN_ELEMENTS // max(1, per_column, z.shape[0] * C)))
     for t in range(T):
         at = xp.astype(xp.arange(T, device=device(z)) == t, z.dtype)[None, None, :, None] if T > 1 else None
         for k in range(0, M, step):

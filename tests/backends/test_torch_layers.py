@@ -323,6 +323,7 @@ def test_exact_columns_in_chunks(monkeypatch, structure):
     _, model, x = MODELS[1]  # convolutions (shared positions) and a dense head
     whole = fisherlib.fisher(model, None, x, method="exact", structure=structure)
     monkeypatch.setattr(_products, "ELEMENTS", 64)
+    monkeypatch.setattr(_products, "COLUMN_ELEMENTS", 64)
     monkeypatch.setattr(core_layers, "_ELEMENTS", 64)
     chunked = fisherlib.fisher(model, None, x, method="exact", structure=structure)
     assert _max_rel(chunked.value, whole.value) < TOL
