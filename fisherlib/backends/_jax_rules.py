@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._jax_rows import batch_axes
 from ._jaxpr import VIEWS, Program, arange_like, view_index
 
 __all__ = ["Analysis", "Spec"]
@@ -74,14 +75,7 @@ class Analysis:
         self.alive = prog.live()
         self.cons = prog.consumers(self.alive)
         self.outs = {r for r in prog.outs if isinstance(r, int)}
-        self.batch = {}
-        for v, s in prog.shapes.items():
-            s2 = prog2.shapes.get(v, ())
-            diff = [a for a in range(len(s)) if len(s) == len(s2) and s[a] != s2[a]]
-            if len(s) == len(s2) and len(diff) == 1 and s[diff[0]] == N and s2[diff[0]] == N2:
-                self.batch[v] = diff[0]
-            elif diff or len(s) != len(s2):
-                self.batch[v] = -1  # depends on the batch in a way no rule takes
+        self.batch = batch_axes(prog, prog2, N, N2)  # -1: depends on the batch in a way no rule takes
         # Variables computed from any parameter leaf or input: constants are the rest.
         self.varying = set(range(prog.n_in))
         for node in prog.nodes:

@@ -36,12 +36,14 @@ class Lit:
 
 
 class Node:
-    """One equation: primitive, bind parameters, operands (variable numbers or :class:`Lit`), outputs."""
+    """One equation: primitive, bind parameters, operands (variable numbers or :class:`Lit`),
+    outputs; ``raw`` holds the equation's own parameters (a ``custom_jvp_call``'s body)."""
 
-    __slots__ = ("prim", "params", "ins", "outs", "ctx")
+    __slots__ = ("prim", "params", "ins", "outs", "ctx", "raw")
 
-    def __init__(self, prim, params, ins, outs, ctx):
+    def __init__(self, prim, params, ins, outs, ctx, raw=None):
         self.prim, self.params, self.ins, self.outs, self.ctx = prim, params, ins, outs, ctx
+        self.raw = raw if raw is not None else {}
 
     @property
     def name(self) -> str:
@@ -108,7 +110,7 @@ class Program:
             else:
                 outs = [self._new(v) for v in eqn.outvars]
                 self.nodes.append(Node(eqn.primitive, eqn.primitive.get_bind_params(eqn.params), args, outs,
-                                       eqn.ctx))
+                                       eqn.ctx, eqn.params))
             for v, r in zip(eqn.outvars, outs):
                 env[v] = r
         return [read(a) for a in jaxpr.outvars]

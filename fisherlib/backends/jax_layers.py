@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.layers import Layer
+from ._jax_rows import rows_apart
 from ._jax_rules import Analysis, Spec
 from ._jaxpr import Lit, Program
 
@@ -112,7 +113,11 @@ def _plan(model: Callable, leaves: list, treedef, inputs: Any):
         warnings.warn(f"model: the JAX layer rules failed on this model ({type(err).__name__}: {err}); "
                       "per-example methods take the generic per-example VJP", stacklevel=4)
         return None
-    return prog, specs, uncovered, arrays
+    try:
+        apart = rows_apart(prog, prog2, list(range(len(leaves), len(leaves) + len(arrays))), N, N2)
+    except Exception:  # noqa: BLE001 -- no proof: the numerical check decides
+        apart = False
+    return prog, specs, uncovered, arrays, apart
 
 
 def _compile(prog: Program, specs: list[Spec], jit: bool):
@@ -163,7 +168,8 @@ def capture(backend, model: Callable, params: Any, inputs: Any):
         compiled = None
         if plan is not None and plan[1]:
             compiled = _compile(plan[0], plan[1], backend.jit)
-        hit = cache[key] = [model, plan, compiled, None]
+        # Inputs kept apart, proven from the jaxpr (_jax_rows); else checked numerically below.
+        hit = cache[key] = [model, plan, compiled, True if plan is not None and plan[4] else None]
         if len(cache) > backend._CACHE_SIZE:
             cache.popitem(last=False)
     else:
@@ -172,7 +178,7 @@ def capture(backend, model: Callable, params: Any, inputs: Any):
     if compiled is None:  # nothing recognised: every leaf takes the generic per-example VJP
         logits, _ = backend.linearize(model, params, inputs)
         return logits, LayerCapture([], names, None, None, 0, backend.batch_probes)
-    prog, specs, uncovered, arrays = plan
+    prog, specs, uncovered, arrays, _ = plan
     fwd, pull, pull_one = compiled
     logits, xs, pullback = fwd(leaves, [flat[k] for k in arrays])
     if separate is None:  # once per model and shape
