@@ -34,9 +34,10 @@ weights), through anything that is not a view (a slice, an arithmetic expression
 ``scan`` or a ``custom_jvp``), or on an axis mixing inputs is *uncovered*: the estimators give
 it the generic per-example VJP.
 
-Once per model and shape, a cotangent at input 0 (and at input N - 1) is pulled back: if it
-reaches other inputs' rows of any layer output, the model mixes its inputs (batch statistics)
-and the whole model takes the generic path, with a :class:`MixedInputsWarning`.
+A model must keep its inputs apart. Where the jaxpr proves it (:mod:`._jax_rows`) nothing is
+run; otherwise, once per model and shape, a cotangent at input 0 (and at input N - 1) is pulled
+back: if it reaches other inputs' rows of any layer output, the model mixes its inputs (batch
+statistics) and the whole model takes the generic path, with a :class:`MixedInputsWarning`.
 
 The layer inputs and cotangents come from re-evaluating the jaxpr with zero perturbations added
 at every recognised output: ``jax.vjp`` with respect to the perturbations, ``jax.vmap`` of its
