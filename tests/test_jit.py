@@ -378,6 +378,8 @@ def _token_model(p, ids):
 
 @pytest.mark.parametrize("kw", [{"method": "exact"}, {"method": "empirical"}, {"method": "exact", "structure": "trace"},
                                 {"method": "exact", "structure": "blocks", "blocks": "unitwise"}, {"probes": 2},
+                                {"probes": 2, "per_example": True}, {"method": "mc", "structure": "blocks", "blocks": "unitwise"},
+                                {"bound": "lower", "probes": 2}, {"method": "exact", "bound": "lower", "rank": 1},
                                 {"structure": "kfac", "probes": 2}, {"structure": "kfac", "method": "empirical"},
                                 {"structure": "ekfac", "method": "exact"}])
 def test_compiled_step_takes_every_layer_kind(kw, monkeypatch):
@@ -410,3 +412,23 @@ def test_compiled_step_takes_every_layer_kind(kw, monkeypatch):
     for u, v in zip(jax.tree_util.tree_leaves((a.value, a.parts)), jax.tree_util.tree_leaves((b.value, b.parts)),
                     strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-14)
+
+
+def test_compiled_kfac_steps_are_keyed_by_their_setting():
+    """"expand" and "reduce" on one model function are two compiled steps: a step cached under
+    the options alone gave the second setting the first one's factors."""
+    from fisherlib.backends import get
+
+    V, T, D = 11, 5, 3
+    params = {"emb": _normal(80, V, D), "pos": _normal(81, T, D), "scale": _normal(82, D), "shift": _normal(83, D),
+              "w": _normal(84, D, 4), "b": _normal(85, 4), "head": _normal(86, 4, C)}
+    ids = [jnp.asarray([[1, 1, 3, 1, 0], [4, 2, 2, 9, 9], [0, 0, 0, 0, 0], [7, 3, 1, 10, 3]])]
+    with pytest.warns(fisherlib.KroneckerFallbackWarning):
+        got = {s: fisherlib.fisher(_token_model, params, ids, structure="kfac", method="exact", kfac_approx=s)
+               for s in ("expand", "reduce")}
+        want = {s: fisherlib.fisher(_token_model, params, ids, structure="kfac", method="exact", kfac_approx=s,
+                                    backend=_eager(get("jax"))) for s in ("expand", "reduce")}
+    assert any(not np.allclose(np.asarray(a), np.asarray(b)) for a, b in zip(want["expand"].parts, want["reduce"].parts))
+    for s in got:
+        for u, v in zip(got[s].parts, want[s].parts, strict=True):
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-14)

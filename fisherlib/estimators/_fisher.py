@@ -468,6 +468,7 @@ def _compiled_kron_step(be, model, opts, structure, mask, ignore_index, kron, ke
     method, likelihood = opts["method"], opts["likelihood"]
     try:
         key = ("fisher.kron", be, model, structure, tuple(sorted(opts.items())), mask, ignore_index, keep_probes,
+               kron.setting, kron.summed,
                None if kron.blocks is None else repr([b.to_dict() for b in kron.blocks]), tuple(kron.fallback))
         hash(key)
     except TypeError:
