@@ -6,9 +6,9 @@ framework: torch, jax and cupy are loaded only when you pass their arrays.
 """
 
 from . import backends, hypercube, models, natural, simplex, spectral
-from .estimators import FisherEstimate, KroneckerEstimate, KroneckerFallbackWarning, RunningFisher, Sketch, fisher
+from .estimators import CompileFallbackWarning, FisherEstimate, KroneckerEstimate, KroneckerFallbackWarning, RunningFisher, Sketch, fisher
 
 __version__ = "0.1.0"
 
-__all__ = ["FisherEstimate", "KroneckerEstimate", "KroneckerFallbackWarning", "RunningFisher", "Sketch", "__version__", "backends", "fisher", "hypercube",
+__all__ = ["CompileFallbackWarning", "FisherEstimate", "KroneckerEstimate", "KroneckerFallbackWarning", "RunningFisher", "Sketch", "__version__", "backends", "fisher", "hypercube",
            "models", "natural", "simplex", "spectral"]

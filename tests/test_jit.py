@@ -10,6 +10,8 @@ that matters here); a failure names the function.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -335,6 +337,7 @@ def test_fisher_operator_products_compiled_per_batch_equal_the_eager_pass():
         np.testing.assert_allclose(np.asarray(a.matmat(V)), np.asarray(b.matmat(V)), rtol=1e-10, atol=1e-13)
         assert a.n_inputs == b.n_inputs == 2 * N
         assert a._compiled_matmat(V) is not None and b._compiled_matmat(V) is None  # the path each took
+        assert not isinstance(a._compiled_matmat(V), Exception)
 
 
 def test_logits_in_unit_interval_that_are_not_probabilities_stay_compiled(monkeypatch):
@@ -432,3 +435,43 @@ def test_compiled_kfac_steps_are_keyed_by_their_setting():
     for s in got:
         for u, v in zip(got[s].parts, want[s].parts, strict=True):
             np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-14)
+
+
+def test_a_step_that_does_not_trace_runs_op_by_op_with_a_warning(monkeypatch):
+    """The compiled step's failure is said, not swallowed (an untraceable core function once sent
+    every language model's exact diagonal op by op, silently): fisher(), RunningFisher.step and
+    the operator's products warn once the eager path has taken the batch, with its result. A
+    function of the compiled steps is made to need concrete values, as unique_values did."""
+    from fisherlib.backends import get
+    from fisherlib.estimators import _fisher, _running
+    from fisherlib.spectral._operator import FisherOperator
+
+    def concrete_only(fn, at=0):
+        def wrapped(*args, **kw):
+            float(jnp.sum(jax.tree_util.tree_leaves(args[at])[0]))  # raises under a trace
+            return fn(*args, **kw)
+        return wrapped
+
+    params = {"w1": _normal(90, 3, 4), "b1": _normal(91, 4), "w2": _normal(92, 4, C), "b2": _normal(93, C)}
+    xs = [_normal(94, N, 3), _normal(95, N, 3)]
+    eager = _eager(get("jax"))
+    b = fisherlib.fisher(_mlp, params, xs, method="exact", backend=eager)
+    want = spectral.fisher_operator(_mlp, params, xs, backend=eager).matmat(_normal(96, 1, 3 * 4 + 4 + 4 * C + C))
+    with warnings.catch_warnings():  # a step that traces: no warning
+        warnings.simplefilter("error", fisherlib.CompileFallbackWarning)
+        fisherlib.fisher(_mlp, params, xs, method="exact")
+    monkeypatch.setattr(_fisher, "_flags", concrete_only(_fisher._flags))
+    monkeypatch.setattr(_running, "_whole", concrete_only(_running._whole, at=4))
+    monkeypatch.setattr(FisherOperator, "_kernel", concrete_only(FisherOperator._kernel, at=1))
+    f = lambda p, x: _mlp(p, x)  # noqa: E731 -- a new function: nothing compiled for it yet
+    with pytest.warns(fisherlib.CompileFallbackWarning, match="fisherlib bug") as record:
+        a = fisherlib.fisher(f, params, xs, method="exact")
+    assert "batch 0" in str(record[0].message) and "ConcretizationTypeError" in str(record[0].message)
+    for u, v in zip(jax.tree_util.tree_leaves(a.value), jax.tree_util.tree_leaves(b.value), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-12)
+    with pytest.warns(fisherlib.CompileFallbackWarning, match="RunningFisher.step"):
+        RunningFisher("diag", probes=1).step(f, params, xs[0], jnp.asarray([0, 1, 2, 0]))
+    with pytest.warns(fisherlib.CompileFallbackWarning, match="matmat"):
+        got = spectral.fisher_operator(f, params, xs, backend=get("jax")).matmat(
+            _normal(96, 1, 3 * 4 + 4 + 4 * C + C))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-13)

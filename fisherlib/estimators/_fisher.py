@@ -24,6 +24,7 @@ from ._batches import batches as _batches
 from ._batches import leaves_of as _leaves_of
 from ._batches import n_of as _batches_n_of
 from ._batches import signature as _signature
+from ._compiled import warn_fallback
 from ._estimate import DETERMINISTIC, FisherEstimate, probe_moments, stderr_kind
 from ._kronecker import KroneckerEstimate
 from ._running import ONE_LOGIT, warn_if_probabilities
@@ -260,10 +261,12 @@ def fisher(
             pending.append((b, flags))
             bar.inputs(n_inputs)
             continue
+        error = getattr(step, "error", None)
         if step is not None or pending:  # a batch the step could not take: eager from here
             n_outputs += _raise_flagged(pending, C, likelihood) if pending else 0
             step, finite_fn, pending = None, None, []
         out, vjp, capture, cts, m, y = _batch_cotangents(be, model, params, inputs, y, b, s, opts, structure, mask, ignore_index)
+        warn_fallback(error, f"fisher(): batch {b}")  # the eager path took it: no error of its own
         shape = tuple(out.shape)
         if parts is None:
             template = _parameter_tree(be, model, params, out, vjp, inputs)
@@ -429,7 +432,8 @@ def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index, keep_
             else:
                 C = None
             new, flags = fused(moments)(params, inputs, y, seed, parts)
-        except Exception:  # noqa: BLE001 - the eager path runs the batch and raises its own error
+        except Exception as err:  # noqa: BLE001 - the eager path runs the batch and raises its own error
+            run.error = err
             return None
         if b == 0:  # the first batch at once (one sync): its errors and the probabilities warning come
             if np.asarray(flags)[:3].any():  # from the eager path, which takes the whole call then
@@ -439,6 +443,7 @@ def _compiled_step(be, model, opts, structure, blocks, mask, ignore_index, keep_
     # The sums' finiteness once after the last batch (inf and NaN stay in a sum), not per batch:
     # a pass over the parameters' size each batch was a tenth of a small model's step.
     run.nonfinite = comp(_any_nonfinite, key=("fisher.nonfinite",))
+    run.error = None  # what the compiled step raised, for the warning once the eager path has run
     return run
 
 
@@ -520,7 +525,8 @@ def _compiled_kron_step(be, model, opts, structure, mask, ignore_index, kron, ke
                 return [a + t for a, t in zip(parts, new)], flags
 
             new, flags = comp(fold_step, key=key + ("fold",) + planned)(params, inputs, y, seed, kron.basis, parts)
-        except Exception:  # noqa: BLE001 - the eager path runs the batch and raises its own error
+        except Exception as err:  # noqa: BLE001 - the eager path runs the batch and raises its own error
+            run.error = err
             return None
         if b == 0 and np.asarray(flags)[:3].any():  # the eager path raises, or warns, for the first batch
             return None
@@ -530,7 +536,7 @@ def _compiled_kron_step(be, model, opts, structure, mask, ignore_index, kron, ke
         kron.parts = new
         return new, flags, moments, C
 
-    run.nonfinite = None
+    run.nonfinite, run.error = None, None
     return run
 
 

@@ -40,6 +40,7 @@ from .. import backends as _backends
 from ..core import cotangents
 from ..core._compat import array_namespace, device, is_eager
 from ..backends._registry import state_class
+from ._compiled import warn_fallback
 from ._seeds import derive, derive_array
 from ._units import STRUCTURES, Layout, Unit, from_units, layout, to_units, units
 
@@ -312,9 +313,12 @@ class RunningFisher:
         (a plain training step through the same path).
         """
         be = self._backend(params if params is not None else inputs)
+        error = None
         if loss is None and update and self.likelihood == "softmax":
             got = self._whole_step(be, model, params, inputs, targets)
-            if got is not None:
+            if isinstance(got, Exception):
+                error = got
+            elif got is not None:
                 return got
         sigmoid = self.likelihood == "sigmoid"
         if loss is None:  # the step's own forward: batch-norm statistics update where the adapter can
@@ -367,6 +371,7 @@ class RunningFisher:
             grads, named = pulled[0], be.leaves(pulled[0])
             probes = {"rows": [[g for _, g in be.leaves(t)] for t in pulled[1:]]}
         self._fold([name for name, _ in named], N, be, owned=getattr(be, "vjp_fresh", False), scaled=eager, **probes)
+        warn_fallback(error, "RunningFisher.step")
         return value, grads
 
     def _check(self, logits):
@@ -383,7 +388,8 @@ class RunningFisher:
     def _whole_step(self, be, model, params, inputs, targets):
         """The step as one compiled call (forward, cotangents, batched pullback, fold), where the
         adapter offers ``compile``: (loss, gradients), or None for the eager path (no compile
-        capability, traced arguments, a step it cannot take: the eager path raises its errors)."""
+        capability, traced arguments, a step it cannot take: the eager path raises its errors), or
+        the exception the compiled step raised (the eager path warns if it then takes the step)."""
         if getattr(be, "compile", None) is None or params is None:
             return None
         named = be.leaves(params)
@@ -399,8 +405,8 @@ class RunningFisher:
         try:
             seed = self._step_seed()
             value, grads, new, flags = fn(params, inputs, targets, state, np.uint32(seed) if isinstance(seed, int) else seed)
-        except Exception:  # noqa: BLE001 - the eager path takes the step and raises its own error
-            return None
+        except Exception as err:  # noqa: BLE001 - the eager path takes the step and raises its own error
+            return err
         if not is_eager(flags):  # inside the caller's jit (traced inputs or state): no value checks
             self._keep(lay, new)
             return value, grads

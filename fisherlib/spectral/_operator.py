@@ -18,6 +18,7 @@ from ..core._compat import array_namespace, device, is_eager
 from ..estimators import _fisher
 from ..estimators._batches import batches as read_batches
 from ..estimators._batches import n_of, slice_tree
+from ..estimators._compiled import warn_fallback
 from ..estimators._estimate import _to_numpy
 
 Array = Any
@@ -189,10 +190,11 @@ class FisherOperator:
             raise ValueError(f"V: expected shape (K, P) or (P,) with P = {self.n_params}, got {tuple(V.shape)}")
         K = V.shape[0]
         done = self._compiled_matmat(V)
-        if done is not None:
+        if done is not None and not isinstance(done, Exception):
             acc, n_inputs = done
         else:
             acc, n_inputs = self._eager_matmat(V)
+            warn_fallback(done, "FisherOperator.matmat")
         self.n_inputs = n_inputs
         if self.reduction == "mean":
             acc = acc / n_inputs
@@ -205,7 +207,8 @@ class FisherOperator:
     def _compiled_matmat(self, V: Array):
         """(Σ_b F_b V, inputs) with each batch's product (forward, J v, kernel, pullback) one
         compiled call, where the adapter offers ``compile`` and ``jvp``; None otherwise, or when
-        a batch's logits are not well formed (the eager pass then raises the error)."""
+        a batch's logits are not well formed (the eager pass then raises the error); the
+        exception when the compiled call raised one (the eager pass warns if it succeeds)."""
         comp = getattr(self.backend, "compile", None)
         if comp is None or self._no_jvp or self.cache or self.params is None:
             return None
@@ -234,8 +237,8 @@ class FisherOperator:
                 g, f = step(self.params, self.batches[b][0], V)
                 acc = g if acc is None else acc + g
                 flags.append(f)
-        except Exception:  # noqa: BLE001 - a model or batch the step cannot take: the eager pass decides
-            return None
+        except Exception as err:  # noqa: BLE001 - a model or batch the step cannot take: the eager pass decides
+            return err
         flags = np.asarray(_to_numpy(xp.stack(flags)))  # one sync per pass
         if flags[:, 0].any():
             return None
