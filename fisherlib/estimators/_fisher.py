@@ -300,6 +300,7 @@ def fisher(
     if kron is not None:
         if pending:
             n_outputs += _raise_flagged(pending, C, likelihood)
+        _check_kron_finite(be, kron)
         return _kronecker_estimate(kron, opts, structure, be, template, names, shapes, n_inputs, n_outputs,
                                    done, reduction)
     if parts is None:
@@ -843,6 +844,18 @@ def _check_finite(parts: list, names: list | None, nonfinite: Array | None = Non
         raise ValueError(f"batches: the Fisher has non-finite entries (inf or NaN) in {', '.join(where)}, "
                          "although the logits were finite: an input or a parameter holds inf or NaN, "
                          "or the gradients overflowed")
+
+
+def _check_kron_finite(be, kron) -> None:
+    """:func:`_check_finite` for K-FAC's sums (factors, counts, fallback diagonals), the any-flag
+    compiled where the adapter can (op by op it compiled a program per factor shape on JAX)."""
+    parts = kron.parts
+    if not parts or not is_eager(parts[0]):
+        return
+    comp = getattr(be, "compile", None)
+    if comp is not None and not bool(np.asarray(_to_host(comp(_any_nonfinite, key=("fisher.nonfinite",))(parts)))):
+        return
+    _check_finite(parts, [f"{name} ({role})" for role, name in kron.roles])
 
 
 def _nonfinite_flags(parts: list) -> Array:

@@ -33,3 +33,31 @@ def test_inf_input_is_an_error_on_torch():
         fisherlib.fisher(net, None, x)
     ok = fisherlib.fisher(net, None, torch.ones(4, 3))  # finite inputs: no error, finite values
     assert all(bool(torch.isfinite(v).all()) for v in ok.value.values())
+
+
+@pytest.mark.parametrize("structure", ["kfac", "ekfac"])
+def test_inf_input_is_an_error_for_kronecker_factors(structure):
+    """K-FAC's sums were never checked: an inf input gave inf and NaN factors and no error."""
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.ones(4, 3)
+    x[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite entries .* in 0 \(A\)"):
+        fisherlib.fisher(net, None, [x], structure=structure)
+    ok = fisherlib.fisher(net, None, [torch.ones(4, 3)], structure=structure)
+    assert all(bool(torch.isfinite(p).all()) for p in ok.parts)
+
+
+def test_inf_input_is_an_error_for_kronecker_factors_on_jax():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(0)
+    params = {"w1": jnp.asarray(np.abs(rng.normal(size=(3, 4)))), "w2": jnp.asarray(rng.normal(size=(4, 3)))}
+
+    def f(p, x):
+        return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+    x = np.ones((4, 3))
+    x[1, 0] = np.inf
+    with pytest.raises(ValueError, match="non-finite entries .* in w1 \\(A\\)"):
+        fisherlib.fisher(f, params, [jnp.asarray(x)], structure="kfac")
