@@ -61,12 +61,14 @@ def batch_axes(prog: Program, prog2: Program, N: int, N2: int) -> dict[int, int]
     return out
 
 
-def rows_apart(prog: Program, prog2: Program, inputs: list[int], N: int, N2: int) -> bool:
+def rows_apart(prog: Program, prog2: Program, inputs: list[int], N: int, N2: int,
+               batch: dict[int, int] | None = None) -> bool:
     """True when every live equation on the variables computed from ``inputs`` (variable
-    numbers) provably keeps their rows apart (see the module docstring)."""
+    numbers) provably keeps their rows apart (see the module docstring); ``batch``: the
+    programs' :func:`batch_axes`, when the caller has them."""
     if N < 2 or prog.signature() != prog2.signature():
         return False
-    batch = batch_axes(prog, prog2, N, N2)
+    batch = batch_axes(prog, prog2, N, N2) if batch is None else batch
     data = set(inputs)
     alive = prog.live()
     for i, node in enumerate(prog.nodes):

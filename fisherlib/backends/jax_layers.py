@@ -109,13 +109,14 @@ def _plan(model: Callable, leaves: list, treedef, inputs: Any):
     if prog.signature() != prog2.signature():
         return None
     try:
-        specs, uncovered = Analysis(prog, prog2, len(leaves), N, N2).specs()
+        analysis = Analysis(prog, prog2, len(leaves), N, N2)
+        specs, uncovered = analysis.specs()
     except Exception as err:  # noqa: BLE001 -- a jaxpr the rules did not foresee must not stop the estimate
         warnings.warn(f"model: the JAX layer rules failed on this model ({type(err).__name__}: {err}); "
                       "per-example methods take the generic per-example VJP", stacklevel=4)
         return None
     try:
-        apart = rows_apart(prog, prog2, list(range(len(leaves), len(leaves) + len(arrays))), N, N2)
+        apart = rows_apart(prog, prog2, list(range(len(leaves), len(leaves) + len(arrays))), N, N2, analysis.batch)
     except Exception:  # noqa: BLE001 -- no proof: the numerical check decides
         apart = False
     return prog, specs, uncovered, arrays, apart

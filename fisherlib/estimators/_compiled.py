@@ -5,14 +5,14 @@ compiled call where the adapter offers ``compile`` (JAX), and fall back to the e
 by op, when that call fails: the eager path then either raises the batch's own, precise,
 error, or computes the same result several times slower. The second case must not pass
 unseen: until 2026-12-06 every language model's exact diagonal ran op by op on JAX because
-one core function did not trace, and nothing said so. :func:`warn_fallback` says so.
+one core function did not trace, and nothing said so. :func:`warn_compile_fallback` says so.
 """
 
 from __future__ import annotations
 
 import warnings
 
-__all__ = ["CompileFallbackWarning", "warn_fallback"]
+__all__ = ["CompileFallbackWarning", "warn_compile_fallback"]
 
 
 class CompileFallbackWarning(UserWarning):
@@ -21,7 +21,7 @@ class CompileFallbackWarning(UserWarning):
     __module__ = "fisherlib"
 
 
-def warn_fallback(error: BaseException | None, what: str, stacklevel: int = 3) -> None:
+def warn_compile_fallback(error: BaseException | None, what: str, stacklevel: int = 3) -> None:
     """Warn that ``what`` ran op by op because its compiled step raised ``error`` (if any)."""
     if error is None:
         return

@@ -24,7 +24,7 @@ from ._batches import batches as _batches
 from ._batches import leaves_of as _leaves_of
 from ._batches import n_of as _batches_n_of
 from ._batches import signature as _signature
-from ._compiled import warn_fallback
+from ._compiled import warn_compile_fallback
 from ._estimate import DETERMINISTIC, FisherEstimate, probe_moments, stderr_kind
 from ._kronecker import KroneckerEstimate
 from ._running import ONE_LOGIT, warn_if_probabilities
@@ -266,7 +266,7 @@ def fisher(
             n_outputs += _raise_flagged(pending, C, likelihood) if pending else 0
             step, finite_fn, pending = None, None, []
         out, vjp, capture, cts, m, y = _batch_cotangents(be, model, params, inputs, y, b, s, opts, structure, mask, ignore_index)
-        warn_fallback(error, f"fisher(): batch {b}")  # the eager path took it: no error of its own
+        warn_compile_fallback(error, f"fisher(): batch {b}")  # the eager path took it: no error of its own
         shape = tuple(out.shape)
         if parts is None:
             template = _parameter_tree(be, model, params, out, vjp, inputs)
@@ -300,7 +300,7 @@ def fisher(
     if kron is not None:
         if pending:
             n_outputs += _raise_flagged(pending, C, likelihood)
-        _check_kron_finite(be, kron)
+        _check_sums(kron.parts, [f"{name} ({role})" for role, name in kron.roles], finite_fn)
         return _kronecker_estimate(kron, opts, structure, be, template, names, shapes, n_inputs, n_outputs,
                                    done, reduction)
     if parts is None:
@@ -310,11 +310,7 @@ def fisher(
 
     out_names = names if structure in ("diag", "sketch") else (
         ["trace"] if structure == "trace" else [blk.name for blk in plan])
-    if finite_fn is not None and is_eager(parts[0]):  # sums carry inf and NaN on: checked once, compiled;
-        if bool(np.asarray(_to_host(finite_fn(parts)))):  # the error names the parts
-            _check_finite(parts, out_names)
-    else:
-        _check_finite(parts, out_names, nonfinite)
+    _check_sums(parts, out_names, finite_fn, nonfinite)
     deterministic = method in DETERMINISTIC
     K = 0 if deterministic else probes
     kind = stderr_kind(method, probes)
@@ -492,6 +488,8 @@ def _compiled_kron_step(be, model, opts, structure, mask, ignore_index, kron, ke
 
         return step
 
+    fold = {}  # "fn": the compiled step and sums' update, once the first batch has fixed the blocks
+
     def run(params, inputs, y, s, b, parts, moments):
         """(parts, flags, moments, C) after this batch; ``kron`` holds them too."""
         leaf = _leaves_of(params)[:1]
@@ -501,7 +499,7 @@ def _compiled_kron_step(be, model, opts, structure, mask, ignore_index, kron, ke
             y = np.asarray(y)
         seed = np.uint32(s)
         try:
-            C, blocks, fallback = None, kron.blocks, kron.fallback
+            C = None
             if parts is None:  # the first batch: the blocks, fallback and moments from the shapes
                 def trace():
                     acc = replace(kron, parts=None, moments=None, fallback=list(kron.fallback))
@@ -511,26 +509,29 @@ def _compiled_kron_step(be, model, opts, structure, mask, ignore_index, kron, ke
 
                 blocks, fallback, moments, specs, C = _traced_once(key, be, params, inputs, y, trace)
                 parts = comp(functools.partial(_zeros, specs), key=("fisher.zeros", specs))(leaf[0])
-            planned = (repr([b.to_dict() for b in blocks]), tuple(fallback), moments)
 
-            def fold_step(params, inputs, y, s, basis, parts):
-                acc = replace(kron, parts=None, moments=moments, blocks=blocks, fallback=list(fallback))
-                new, _, flags = pure(acc)(params, inputs, y, s, basis)
-                return [a + t for a, t in zip(parts, new)], flags
+                def fold_step(params, inputs, y, s, basis, parts):
+                    acc = replace(kron, parts=None, moments=moments, blocks=blocks, fallback=list(fallback))
+                    new, _, flags = pure(acc)(params, inputs, y, s, basis)
+                    return [a + t for a, t in zip(parts, new)], flags
 
-            new, flags = comp(fold_step, key=key + ("fold",) + planned)(params, inputs, y, seed, kron.basis, parts)
+                planned = (repr([b.to_dict() for b in blocks]), tuple(fallback), moments)
+                fold["fn"] = comp(fold_step, key=key + ("fold",) + planned)
+                # kron's plan now: a batch that goes eager instead starts a new accumulator
+                kron.blocks, kron.fallback, kron.moments = blocks, list(fallback), moments
+            new, flags = fold["fn"](params, inputs, y, seed, kron.basis, parts)
         except Exception as err:  # noqa: BLE001 - the eager path runs the batch and raises its own error
             run.error = err
             return None
         if b == 0 and np.asarray(flags)[:3].any():  # the eager path raises, or warns, for the first batch
             return None
         if kron.parts is None:
-            kron.blocks, kron.fallback, kron.moments = blocks, list(fallback), moments
             _kfac.warn_fallback(kron.fallback, stacklevel=5)
         kron.parts = new
         return new, flags, moments, C
 
-    run.nonfinite, run.error = None, None
+    run.nonfinite = comp(_any_nonfinite, key=("fisher.nonfinite",))
+    run.error = None
     return run
 
 
@@ -843,16 +844,15 @@ def _check_finite(parts: list, names: list | None, nonfinite: Array | None = Non
                          "or the gradients overflowed")
 
 
-def _check_kron_finite(be, kron) -> None:
-    """:func:`_check_finite` for K-FAC's sums (factors, counts, fallback diagonals), the any-flag
-    compiled where the adapter can (op by op it compiled a program per factor shape on JAX)."""
-    parts = kron.parts
-    if not parts or not is_eager(parts[0]):
-        return
-    comp = getattr(be, "compile", None)
-    if comp is not None and not bool(np.asarray(_to_host(comp(_any_nonfinite, key=("fisher.nonfinite",))(parts)))):
-        return
-    _check_finite(parts, [f"{name} ({role})" for role, name in kron.roles])
+def _check_sums(parts: list, names: list, any_nonfinite: Callable | None, nonfinite: Array | None = None) -> None:
+    """The sums' finiteness once after the last batch (inf and NaN stay in a sum): through the
+    compiled batches' ``any_nonfinite`` first where they give one (op by op JAX compiled a
+    program per part shape), then :func:`_check_finite`, whose error names the parts."""
+    if any_nonfinite is not None and parts and is_eager(parts[0]):
+        if not bool(np.asarray(_to_host(any_nonfinite(parts)))):
+            return
+        nonfinite = None
+    _check_finite(parts, names, nonfinite)
 
 
 def _nonfinite_flags(parts: list) -> Array:

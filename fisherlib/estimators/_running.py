@@ -40,7 +40,7 @@ from .. import backends as _backends
 from ..core import cotangents
 from ..core._compat import array_namespace, device, is_eager
 from ..backends._registry import state_class
-from ._compiled import warn_fallback
+from ._compiled import warn_compile_fallback
 from ._seeds import derive, derive_array
 from ._units import STRUCTURES, Layout, Unit, from_units, layout, to_units, units
 
@@ -371,7 +371,7 @@ class RunningFisher:
             grads, named = pulled[0], be.leaves(pulled[0])
             probes = {"rows": [[g for _, g in be.leaves(t)] for t in pulled[1:]]}
         self._fold([name for name, _ in named], N, be, owned=getattr(be, "vjp_fresh", False), scaled=eager, **probes)
-        warn_fallback(error, "RunningFisher.step")
+        warn_compile_fallback(error, "RunningFisher.step")
         return value, grads
 
     def _check(self, logits):

@@ -18,7 +18,7 @@ from ..core._compat import array_namespace, device, is_eager
 from ..estimators import _fisher
 from ..estimators._batches import batches as read_batches
 from ..estimators._batches import n_of, slice_tree
-from ..estimators._compiled import warn_fallback
+from ..estimators._compiled import warn_compile_fallback
 from ..estimators._estimate import _to_numpy
 
 Array = Any
@@ -194,7 +194,7 @@ class FisherOperator:
             acc, n_inputs = done
         else:
             acc, n_inputs = self._eager_matmat(V)
-            warn_fallback(done, "FisherOperator.matmat")
+            warn_compile_fallback(done, "FisherOperator.matmat")
         self.n_inputs = n_inputs
         if self.reduction == "mean":
             acc = acc / n_inputs
